@@ -1,0 +1,79 @@
+"""Upstream health, judged without sending a single (billable) command.
+
+Evidence comes from what the proxy sees anyway: upstream connects that succeed or fail, replies that
+arrive, connections that break. When there has been no evidence for ``fresh`` seconds, a probe opens
+a TCP (or TLS) connection to the upstream and closes it without sending anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class Health:
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[str | None]] | None = None,
+        *,
+        fresh: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.probe = probe  # returns None when the upstream accepts a connection, else the reason
+        self.fresh = fresh
+        self.clock = clock
+        self.ok_at = float("-inf")
+        self.fail_at = float("-inf")
+        self.last_reply = float("-inf")  # when upstream bytes were last seen arriving
+        self.traffic: Callable[[], int] | None = None  # bytes received from upstream so far
+        self._traffic_seen = 0
+        self.reason = ""
+        self.quota_exceeded_at = float("-inf")
+        self.quota_reason = ""
+        self._probing: asyncio.Future | None = None
+
+    def ok(self) -> None:
+        self.ok_at = self.clock()
+
+    def failed(self, reason: str) -> None:
+        self.fail_at = self.clock()
+        self.reason = reason
+
+    def quota_exceeded(self, reason: str) -> None:
+        self.quota_exceeded_at = self.clock()
+        self.quota_reason = reason
+
+    def _latest_ok(self) -> float:
+        # Replies arriving are evidence too; read them from the byte counter, not per read.
+        if self.traffic is not None:
+            seen = self.traffic()
+            if seen != self._traffic_seen:
+                self._traffic_seen = seen
+                self.last_reply = self.clock()
+        return max(self.ok_at, self.last_reply)
+
+    async def check(self) -> tuple[bool, str]:
+        """(healthy, reason). Probes by connecting only when the evidence is stale."""
+        now = self.clock()
+        if now - max(self._latest_ok(), self.fail_at) > self.fresh and self.probe is not None:
+            if self._probing is None:
+                self._probing = asyncio.ensure_future(self._run_probe())
+            try:
+                await asyncio.shield(self._probing)
+            finally:
+                if self._probing is not None and self._probing.done():
+                    self._probing = None
+        if self.fail_at > self._latest_ok():
+            return False, "upstream unreachable: " + self.reason
+        if self.clock() - self.quota_exceeded_at < 300:
+            return True, "ok (upstream reports its request quota exceeded: %s)" % self.quota_reason
+        return True, "ok"
+
+    async def _run_probe(self) -> None:
+        assert self.probe is not None
+        reason = await self.probe()
+        if reason is None:
+            self.ok()
+        else:
+            self.failed(reason)

@@ -1,0 +1,220 @@
+"""Counters the proxy keeps itself, exported to Prometheus through a custom collector.
+
+The hot path only touches plain dicts and ints (no locks, no prometheus_client objects); a scrape
+turns them into metric families. Every label set is bounded: commands come from the command table
+(plus ``unknown``), clients from :class:`LabelSet` (capped, with an ``other`` bucket).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+OUTCOMES = ("ok", "error", "rejected", "local")
+PROXY_CLIENT = "respmeter"  # client label of the commands the proxy sends on its own behalf
+ANONYMOUS = "anonymous"
+OTHER = "other"
+
+# 50 µs .. 10 s, roughly 2.5x apart.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class LabelSet:
+    """Admits at most ``limit`` distinct client names; later ones are labelled ``other``.
+
+    Names are decoded leniently and truncated so a client cannot inflate a label's size either.
+    """
+
+    __slots__ = ("limit", "_known", "reserved")
+
+    def __init__(self, limit: int = 100, reserved: Iterable[str] = ()) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+        self.reserved = frozenset((ANONYMOUS, OTHER, PROXY_CLIENT, *reserved))
+
+    def label(self, name: bytes | str | None) -> str:
+        if not name:
+            return ANONYMOUS
+        if isinstance(name, bytes):
+            name = name[:128].decode("utf-8", "replace")
+        else:
+            name = name[:128]
+        if name in self._known or name in self.reserved:
+            return name
+        if len(self._known) >= self.limit:
+            return OTHER
+        self._known.add(name)
+        return name
+
+
+class Histogram:
+    __slots__ = ("counts", "total", "n")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += n
+        self.total += seconds * n
+        self.n += n
+
+
+class Stats:
+    """All counters of one proxy process."""
+
+    def __init__(self, client_label_limit: int = 100) -> None:
+        self.labels = LabelSet(client_label_limit)
+        self.commands: dict[tuple[str, str, str], int] = {}  # (client, command, outcome)
+        self.upstream: dict[tuple[str, str], int] = {}  # (client, command): billable
+        self.latency: dict[str, Histogram] = {}
+        self.bytes = {"from_client": 0, "to_client": 0, "to_upstream": 0, "from_upstream": 0}
+        self.client_connections = 0
+        self.connections_total = 0
+        self.upstream_errors: dict[str, int] = {}
+        self.protocol_errors = 0
+        self.pushes = 0
+        self.unpaired_replies = 0
+
+    # -- hot path helpers ---------------------------------------------------------------
+    def count_command(self, client: str, command: str, outcome: str) -> None:
+        key = (client, command, outcome)
+        d = self.commands
+        d[key] = d.get(key, 0) + 1
+
+    def count_upstream(self, client: str, command: str, n: int = 1) -> None:
+        key = (client, command)
+        d = self.upstream
+        d[key] = d.get(key, 0) + n
+
+    def observe_latency(self, command: str, seconds: float, n: int = 1) -> None:
+        h = self.latency.get(command)
+        if h is None:
+            h = self.latency[command] = Histogram()
+        h.observe(seconds, n)
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    # -- views --------------------------------------------------------------------------
+    def upstream_total(self) -> int:
+        return sum(self.upstream.values())
+
+    def upstream_by_command(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, cmd), n in self.upstream.items():
+            out[cmd] = out.get(cmd, 0) + n
+        return out
+
+
+class StatsCollector(Collector):
+    """Exports :class:`Stats` (and any extra collectors' families) at scrape time."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator:
+        s = self.stats
+        c = CounterMetricFamily(
+            "respmeter_commands",
+            "Commands received from clients, by client identity, command and outcome "
+            "(ok, error: forwarded and the reply was or was not an error; rejected: refused by "
+            "the proxy; local: answered by the proxy).",
+            labels=("client", "command", "outcome"),
+        )
+        for (client, cmd, outcome), n in sorted(s.commands.items()):
+            c.add_metric((client, cmd, outcome), n)
+        yield c
+
+        u = CounterMetricFamily(
+            "respmeter_upstream_commands",
+            "Commands sent to the upstream server (the billable count), by client identity and "
+            "command; client 'respmeter' is the proxy itself.",
+            labels=("client", "command"),
+        )
+        for (client, cmd), n in sorted(s.upstream.items()):
+            u.add_metric((client, cmd), n)
+        yield u
+
+        h = HistogramMetricFamily(
+            "respmeter_command_duration_seconds",
+            "Round trip from forwarding a command to its reply, by command. Blocking commands "
+            "(BRPOP, XREAD BLOCK, WAIT, ...) and subscriptions are not observed.",
+            labels=("command",),
+        )
+        for cmd, hist in sorted(s.latency.items()):
+            buckets = []
+            acc = 0
+            for bound, n in zip(LATENCY_BUCKETS, hist.counts):
+                acc += n
+                buckets.append((repr(bound), acc))
+            buckets.append(("+Inf", hist.n))
+            h.add_metric((cmd,), buckets, hist.total)
+        yield h
+
+        b = CounterMetricFamily(
+            "respmeter_bytes",
+            "Bytes moved, by direction (from_client, to_client, to_upstream, from_upstream).",
+            labels=("direction",),
+        )
+        for direction, n in s.bytes.items():
+            b.add_metric((direction,), n)
+        yield b
+
+        yield GaugeMetricFamily(
+            "respmeter_client_connections", "Client connections open now.", value=s.client_connections
+        )
+        yield CounterMetricFamily(
+            "respmeter_connections", "Client connections accepted.", value=s.connections_total
+        )
+        e = CounterMetricFamily(
+            "respmeter_upstream_errors",
+            "Upstream failures by kind (connect_refused, connect_timeout, dns, tls, reset, eof, "
+            "protocol, ...).",
+            labels=("kind",),
+        )
+        for kind, n in sorted(s.upstream_errors.items()):
+            e.add_metric((kind,), n)
+        yield e
+        yield CounterMetricFamily(
+            "respmeter_protocol_errors",
+            "Client connections closed for malformed or oversized requests.",
+            value=s.protocol_errors,
+        )
+        yield CounterMetricFamily(
+            "respmeter_push_messages",
+            "Out-of-band frames passed to clients (pub/sub messages, RESP3 pushes, MONITOR lines).",
+            value=s.pushes,
+        )
+        i = InfoMetricFamily("respmeter_build", "respmeter build information.")
+        i.add_metric((), {"version": __version__})
+        yield i

@@ -1,0 +1,569 @@
+"""RESP framing with no I/O in it.
+
+Two incremental framers, both fed with bytes as they arrive and never touching a socket:
+
+* :class:`RequestParser` frames client requests: RESP arrays of bulk strings and inline commands
+  (``PING\\r\\n`` as telnet sends). It applies Redis's own limits and is at least as strict as Redis's
+  parser, so every byte range it accepts is framed the same way by the server (no request smuggling:
+  what the proxy counts and authorises is exactly what the server executes).
+* :class:`ReplyFramer` frames server replies of RESP2 and RESP3 without buffering payloads: it reports
+  where each top-level reply ends inside the chunk just fed, whether it is an error or a push frame, and a
+  little of its head (the kind of a pub/sub message, a subscription count) so the session can pair replies
+  with requests. Attributes (``|``) are treated as a prefix of the reply they annotate.
+
+Both keep a bound on what they hold for an incomplete frame.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple
+
+try:  # optional accelerator for the common case (see RequestParser._fast)
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - hiredis is a declared dependency
+    _hiredis = None
+
+__all__ = [
+    "ProtocolError",
+    "RequestParser",
+    "ReplyFramer",
+    "Frame",
+    "KIND_NORMAL",
+    "KIND_ERROR",
+    "KIND_PUSH",
+    "KIND_ARRAY",
+    "encode_command",
+    "encode_error",
+    "split_inline",
+]
+
+CRLF = b"\r\n"
+DEFAULT_MAX_BULK = 512 * 1024 * 1024  # proto-max-bulk-len
+DEFAULT_MAX_QUERY = 1024 * 1024 * 1024  # client-query-buffer-limit
+MAX_INLINE = 64 * 1024  # PROTO_INLINE_MAX_SIZE
+MAX_MULTIBULK = 2**31 - 1  # INT_MAX, as Redis checks it
+
+
+class ProtocolError(Exception):
+    """Input that can never become a valid frame. The message is Redis's wording, without ``ERR``."""
+
+
+def _strict_int(line: bytes, allow_negative: bool) -> int:
+    """Parse an integer the way Redis's ``string2ll`` does: plain ASCII digits, no sign but ``-``,
+    no spaces, underscores or leading zeros. Python's ``int()`` alone accepts all of those."""
+    if line.isdigit():
+        if len(line) > 1 and line[0] == 48:  # leading zero
+            raise ValueError(line)
+        return int(line)
+    if allow_negative and line[:1] == b"-" and line[1:].isdigit() and line[1:2] != b"0":
+        return int(line)
+    raise ValueError(line)
+
+
+# Inline splitting follows sdssplitargs(): whitespace separated, "double quotes" with C escapes,
+# 'single quotes' with only \' escaped, and a closing quote must be followed by space or the end.
+_SPACE = frozenset(b" \n\r\t\v\f\0")
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """Split an inline command line into arguments, as Redis does; raise ProtocolError on bad quoting."""
+    if b'"' not in line and b"'" not in line:
+        return line.split()
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _SPACE:
+            i += 1
+        if i >= n:
+            return args
+        cur = bytearray()
+        inq = insq = False
+        while True:
+            if inq:
+                if i >= n:
+                    raise ProtocolError("Protocol error: unbalanced quotes in request")
+                c = line[i]
+                if (
+                    c == 92
+                    and i + 3 < n
+                    and line[i + 1] == ord("x")
+                    and line[i + 2] in _HEX
+                    and line[i + 3] in _HEX
+                ):
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 92 and i + 1 < n:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 34:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("Protocol error: unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif insq:
+                if i >= n:
+                    raise ProtocolError("Protocol error: unbalanced quotes in request")
+                c = line[i]
+                if c == 92 and i + 1 < n and line[i + 1] == 39:
+                    i += 1
+                    cur.append(39)
+                elif c == 39:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("Protocol error: unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            else:
+                if i >= n:
+                    break
+                c = line[i]
+                if c in _SPACE:
+                    break
+                if c == 34:
+                    inq = True
+                elif c == 39:
+                    insq = True
+                else:
+                    cur.append(c)
+            i += 1
+        args.append(bytes(cur))
+
+
+_NEED = object()
+_pack = _hiredis.pack_command if _hiredis is not None else None
+
+
+class RequestParser:
+    """Incremental framer for client requests.
+
+    ``feed(data)`` returns ``(commands, raw)``: ``commands`` is a list of ``(args, start, end)`` for every
+    request completed by this chunk, with ``raw[start:end]`` the exact bytes of that request, and ``raw`` the
+    contiguous bytes of all of them (empty commands such as ``*0\\r\\n`` and blank inline lines are consumed
+    and skipped, as Redis does). After a framing error, :attr:`error` holds the message; commands framed
+    before it are still returned, and nothing more is framed.
+
+    Memory: an incomplete request holds at most ``max_query`` bytes; a bulk is never copied more than
+    twice however it is split, and a long multibulk resumes where it stopped instead of starting over.
+    """
+
+    __slots__ = (
+        "max_bulk",
+        "max_query",
+        "_buf",
+        "_chunks",
+        "_chunks_len",
+        "_need",
+        "_consumed",
+        "_consumed_len",
+        "_args",
+        "_remaining",
+        "error",
+        "_hr",
+    )
+
+    def __init__(self, max_bulk: int = DEFAULT_MAX_BULK, max_query: int = DEFAULT_MAX_QUERY) -> None:
+        self.max_bulk = max_bulk
+        self.max_query = max_query
+        self._buf = b""  # unscanned bytes; scanning always starts at 0
+        self._chunks: list[bytes] = []  # arrived, not yet joined onto _buf (waiting for _need)
+        self._chunks_len = 0
+        self._need = 0  # _buf must be at least this long before scanning again
+        self._consumed: list[bytes] = []  # scanned bytes of the current, incomplete request
+        self._consumed_len = 0
+        self._args: list[bytes] | None = None  # arguments of the current request so far
+        self._remaining = 0  # bulks the current request still expects
+        self.error: str | None = None
+        self._hr = _hiredis.Reader(notEnoughData=_NEED) if _hiredis is not None else None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for requests not yet complete."""
+        return self._consumed_len + len(self._buf) + self._chunks_len
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a request is held."""
+        return bool(self._consumed_len or self._buf or self._chunks_len)
+
+    def feed(self, data: bytes) -> tuple[list[tuple[list[bytes], int, int]], bytes]:
+        if self.error is not None:
+            return [], b""
+        if (
+            self._hr is not None
+            and not self._buf
+            and not self._consumed_len
+            and not self._chunks
+            and data[:1] == b"*"
+            and len(data) <= self.max_bulk
+        ):
+            fast = self._fast(data)
+            if fast is not None:
+                return fast
+        if self._chunks or len(self._buf) + len(data) < self._need:
+            self._chunks.append(data)
+            self._chunks_len += len(data)
+            if self._consumed_len + len(self._buf) + self._chunks_len > self.max_query:
+                self.error = "Protocol error: query buffer limit exceeded"
+                return [], b""
+            if len(self._buf) + self._chunks_len < self._need:
+                return [], b""
+            self._buf += b"".join(self._chunks)
+            self._chunks.clear()
+            self._chunks_len = 0
+        elif self._buf:
+            self._buf += data
+        else:
+            self._buf = data
+        return self._scan()
+
+    def _fast(self, data: bytes) -> tuple[list[tuple[list[bytes], int, int]], bytes] | None:
+        """Frame a chunk of whole requests in C (hiredis), or return None to use the exact parser.
+
+        hiredis alone is more lenient than Redis (it accepts non-bulk elements, nested arrays and does
+        not check the CRLF after a bulk), so its result is only taken when re-encoding the commands
+        canonically reproduces the chunk byte for byte: then Redis frames the chunk exactly the same.
+        """
+        r = self._hr
+        cmds = []
+        try:
+            r.feed(data)
+            gets = r.gets
+            while (x := gets()) is not _NEED:
+                cmds.append(x)
+            if r.has_data() or not all(cmds):
+                raise ValueError("incomplete, or an empty multibulk")
+            packs = list(map(_pack, map(tuple, cmds)))
+        except Exception:  # noqa: BLE001 - anything unusual goes to the exact parser
+            self._hr = _hiredis.Reader(notEnoughData=_NEED)
+            return None
+        if len(packs) == 1:
+            if packs[0] != data:
+                return None
+            return [(cmds[0], 0, len(data))], data
+        if b"".join(packs) != data:
+            return None
+        ends = list(accumulate(map(len, packs)))
+        return list(zip(cmds, [0, *ends[:-1]], ends)), data
+
+    def _scan(self) -> tuple[list[tuple[list[bytes], int, int]], bytes]:
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        cmds: list[tuple[list[bytes], int, int]] = []
+        prefix = self._consumed_len  # bytes of the first request scanned in earlier feeds
+        args = self._args
+        remaining = self._remaining
+        cmd_start = -prefix  # where the current request begins in buf (negative: in an earlier feed)
+        max_bulk = self.max_bulk
+        find = buf.find
+        error = None
+        need = 0
+        try:
+            while True:
+                if args is None:
+                    if pos >= n:
+                        break
+                    cmd_start = pos
+                    if buf[pos] != 42:  # not '*': an inline command
+                        nl = find(b"\n", pos)
+                        if nl < 0:
+                            if n - pos > MAX_INLINE:
+                                raise ProtocolError("Protocol error: too big inline request")
+                            need = n - pos + 1
+                            break
+                        end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
+                        line_args = split_inline(buf[pos:end])
+                        pos = nl + 1
+                        if line_args:
+                            cmds.append((line_args, prefix + cmd_start, prefix + pos))
+                        continue
+                    nl = find(CRLF, pos)
+                    if nl < 0:
+                        if n - pos > MAX_INLINE:
+                            raise ProtocolError("Protocol error: too big mbulk count string")
+                        need = n - pos + 1
+                        break
+                    try:
+                        count = _strict_int(buf[pos + 1 : nl], True)
+                    except ValueError:
+                        raise ProtocolError("Protocol error: invalid multibulk length") from None
+                    if count > MAX_MULTIBULK:
+                        raise ProtocolError("Protocol error: invalid multibulk length")
+                    pos = nl + 2
+                    if count <= 0:
+                        continue  # Redis skips empty multibulks
+                    args = []
+                    remaining = count
+                while remaining:
+                    if pos >= n:
+                        need = 1
+                        break
+                    if buf[pos] != 36:  # '$'
+                        raise ProtocolError(
+                            "Protocol error: expected '$', got '%s'" % chr(buf[pos])
+                        )
+                    nl = find(CRLF, pos)
+                    if nl < 0:
+                        if n - pos > MAX_INLINE:
+                            raise ProtocolError("Protocol error: too big bulk count string")
+                        need = n - pos + 1
+                        break
+                    try:
+                        blen = _strict_int(buf[pos + 1 : nl], False)
+                    except ValueError:
+                        raise ProtocolError("Protocol error: invalid bulk length") from None
+                    if blen > max_bulk:
+                        raise ProtocolError("Protocol error: invalid bulk length")
+                    start = nl + 2
+                    end = start + blen
+                    if end + 2 > n:
+                        need = end + 2 - pos
+                        break
+                    if buf[end : end + 2] != CRLF:
+                        raise ProtocolError("Protocol error: expected CRLF after bulk data")
+                    args.append(buf[start:end])
+                    pos = end + 2
+                    remaining -= 1
+                if remaining:
+                    break  # incomplete request
+                cmds.append((args, prefix + cmd_start, prefix + pos))
+                args = None
+        except ProtocolError as exc:
+            error = str(exc)
+
+        # Everything before the first complete request's end is returned; the rest stays.
+        if cmds:
+            last_end = cmds[-1][2] - prefix
+            if self._consumed:
+                raw = b"".join(self._consumed) + buf[:last_end]
+                self._consumed.clear()
+                self._consumed_len = 0
+            else:
+                raw = buf[:last_end]
+        else:
+            raw = b""
+            last_end = 0
+        if error is not None:
+            self.error = error
+            self._buf = b""
+            self._args = None
+            return cmds, raw
+        if args is not None:
+            # A multibulk in progress: bytes up to ``pos`` are scanned and belong to it.
+            begin = cmd_start if cmd_start >= last_end else last_end  # last_end >= 0
+            if pos > begin:
+                part = buf[begin:pos]
+                self._consumed.append(part)
+                self._consumed_len += len(part)
+            self._buf = buf[pos:]
+            self._args = args
+            self._remaining = remaining
+            self._need = need
+        else:
+            self._buf = buf[pos:] if pos < n else b""
+            self._args = None
+            self._need = need
+        if self.buffered > self.max_query:
+            self.error = "Protocol error: query buffer limit exceeded"
+        return cmds, raw
+
+
+class Frame(NamedTuple):
+    """One complete top-level reply inside the chunk just fed to :class:`ReplyFramer`.
+
+    The framer returns plain tuples of this shape (cheaper to build); index them or wrap them.
+    """
+
+    end: int  # offset just past the frame in that chunk
+    kind: int  # KIND_*
+    head: bytes | None  # first element of an array or push, when it is a short string
+    num: int | None  # third element of an array or push, when it is an integer
+
+
+KIND_NORMAL = 0
+KIND_ERROR = 1  # '-' or '!' blob error
+KIND_PUSH = 2  # RESP3 '>'
+KIND_ARRAY = 3  # top-level '*' (a RESP2 pub/sub message is one)
+
+_SIMPLE = frozenset(b"+-:_,#(")
+_BULK = frozenset(b"$=!")
+_AGG = frozenset(b"*~>%|")
+HEAD_MAX = 64
+
+
+class ReplyFramer:
+    """Incremental framer for server replies, RESP2 and RESP3.
+
+    ``feed(data)`` returns the list of :class:`Frame` completed in ``data``. Bulk payloads are skipped, not
+    buffered, so a 50 MB reply costs no memory here; only a header line split across chunks (at most
+    ``MAX_INLINE`` bytes) or a short head element is held over.
+    """
+
+    __slots__ = ("_stack", "_attr", "_skip", "_partial", "_kind", "_idx", "_head", "_num")
+
+    def __init__(self) -> None:
+        self._stack: list[int] = []  # elements still expected, per open aggregate
+        self._attr: list[bool] = []  # whether each open aggregate is an attribute
+        self._skip = 0  # payload bytes (with CRLF) of the current bulk still to pass
+        self._partial = b""  # an incomplete header line (or short head bulk) from the last chunk
+        self._kind = KIND_NORMAL
+        self._idx = 0  # completed elements of the top-level aggregate
+        self._head: bytes | None = None
+        self._num: int | None = None
+
+    @property
+    def in_frame(self) -> bool:
+        return bool(self._stack or self._skip or self._partial)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes | None, int | None]]:
+        frames: list = []
+        skip = self._skip
+        if skip:
+            if skip >= len(data):
+                self._skip = skip - len(data)
+                if self._skip == 0:
+                    self._element_done(frames, len(data))
+                return frames
+            pos = skip
+            self._skip = 0
+            self._element_done(frames, pos)
+            off = 0
+            buf = data
+        elif self._partial:
+            buf = self._partial + data
+            off = len(self._partial)
+            self._partial = b""
+            pos = 0
+        else:
+            buf = data
+            off = 0
+            pos = 0
+        n = len(buf)
+        stack = self._stack
+        find = buf.find
+        try:
+            while pos < n:
+                t = buf[pos]
+                if not stack:
+                    # Fast path for the most common top-level replies.
+                    if t == 43 or t == 58:  # '+', ':'
+                        nl = find(CRLF, pos)
+                        if nl < 0:
+                            break
+                        pos = nl + 2
+                        frames.append((pos - off, KIND_NORMAL, None, None))
+                        continue
+                    if t == 36:  # '$'
+                        nl = find(CRLF, pos)
+                        if nl < 0:
+                            break
+                        blen = int(buf[pos + 1 : nl])
+                        end = nl + 2 if blen < 0 else nl + 4 + blen
+                        if end <= n:
+                            pos = end
+                            frames.append((pos - off, KIND_NORMAL, None, None))
+                            continue
+                nl = find(CRLF, pos)
+                if nl < 0:
+                    break
+                if t in _SIMPLE:
+                    if not stack:
+                        self._kind = KIND_ERROR if t == 45 else KIND_NORMAL
+                    elif len(stack) == 1 and not self._attr[0]:
+                        if self._idx == 0 and t == 43 and nl - pos - 1 <= HEAD_MAX:
+                            self._head = buf[pos + 1 : nl]
+                        elif self._idx == 2 and t == 58:
+                            self._num = int(buf[pos + 1 : nl])
+                    pos = nl + 2
+                    self._element_done(frames, pos - off)
+                elif t in _BULK:
+                    blen = int(buf[pos + 1 : nl])
+                    if not stack:
+                        self._kind = KIND_ERROR if t == 33 else KIND_NORMAL
+                    if blen < 0:
+                        pos = nl + 2
+                        self._element_done(frames, pos - off)
+                        continue
+                    if len(stack) == 1 and self._idx == 0 and blen <= HEAD_MAX and not self._attr[0]:
+                        end = nl + 2 + blen
+                        if end + 2 > n:
+                            break  # keep the short head whole: wait for more
+                        self._head = buf[nl + 2 : end]
+                        pos = end + 2
+                        self._element_done(frames, pos - off)
+                        continue
+                    end = nl + 4 + blen
+                    if end <= n:
+                        pos = end
+                        self._element_done(frames, pos - off)
+                    else:
+                        self._skip = end - n
+                        pos = n
+                elif t in _AGG:
+                    count = int(buf[pos + 1 : nl])
+                    pos = nl + 2
+                    if t == 37 or t == 124:  # '%' map, '|' attribute: key/value pairs
+                        count *= 2
+                    if not stack and t != 124:
+                        if count < 0:  # *-1: a null, not an array (EXEC aborted by WATCH)
+                            self._kind = KIND_NORMAL
+                        else:
+                            self._kind = KIND_PUSH if t == 62 else KIND_ARRAY if t == 42 else KIND_NORMAL
+                        self._idx = 0
+                        self._head = None
+                        self._num = None
+                    if count <= 0:
+                        if t != 124:
+                            self._element_done(frames, pos - off)
+                        continue
+                    stack.append(count)
+                    self._attr.append(t == 124)
+                else:
+                    raise ProtocolError("Protocol error: unexpected reply type byte %r" % chr(t))
+        except ValueError:
+            raise ProtocolError("Protocol error: bad length in reply") from None
+        if pos < n:
+            rest = buf[pos:]
+            if len(rest) > MAX_INLINE:
+                raise ProtocolError("Protocol error: reply header too long")
+            self._partial = rest
+        return frames
+
+    def _element_done(self, frames: list, end: int) -> None:
+        """An element (scalar or aggregate) just ended at ``end``: walk up the open aggregates."""
+        stack = self._stack
+        attr = self._attr
+        while stack:
+            stack[-1] -= 1
+            if len(stack) == 1 and not attr[0]:
+                self._idx += 1
+            if stack[-1] > 0:
+                return
+            stack.pop()
+            if attr.pop():
+                return  # an attribute ends: it prefixes the next element, which is still to come
+        frames.append((end, self._kind, self._head, self._num))
+        self._kind = KIND_NORMAL
+        self._head = None
+        self._num = None
+        self._idx = 0
+
+
+def encode_command(args: list[bytes]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n" % len(a))
+        out.append(a)
+        out.append(CRLF)
+    return b"".join(out)
+
+
+def encode_error(message: str) -> bytes:
+    """A RESP error line; CR and LF in the message are replaced so the frame stays one line."""
+    return b"-" + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF

@@ -1,0 +1,751 @@
+"""One client connection's logic, with no I/O in it.
+
+A :class:`Session` is fed bytes from the client and from its upstream connection and calls the sinks it
+was given to send bytes on. It frames both directions, pairs every reply with its request (pub/sub
+messages and RESP3 pushes are never paired), tracks the connection state that changes framing or
+counting (protocol version, subscriptions, MULTI, MONITOR, CLIENT REPLY), and counts every command.
+
+Counting rules, chosen so that the upstream count equals the server's ``INFO commandstats``
+(calls + rejected_calls):
+
+* a command is counted upstream when it is written upstream;
+* a command written while the client is inside MULTI is counted when its fate is known: at once if it
+  is rejected while queueing (an error reply), when EXEC runs the transaction, never if the
+  transaction is discarded or aborted (the server never runs it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import commands as cmdtable
+from .metrics import PROXY_CLIENT, Stats
+from .resp import (
+    KIND_ARRAY,
+    KIND_ERROR,
+    KIND_PUSH,
+    ProtocolError,
+    ReplyFramer,
+    RequestParser,
+    encode_command,
+    encode_error,
+)
+
+# Pending entry kinds
+UPSTREAM = 0  # forwarded; its reply goes to the client
+LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
+INTERNAL = 2  # sent by the proxy on its own behalf; its reply is consumed here
+
+MESSAGE_KINDS = frozenset((b"message", b"pmessage", b"smessage"))
+CONFIRM_KINDS = frozenset(
+    (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe")
+)
+SUBSCRIBE_CMDS = frozenset(k.decode() for k in CONFIRM_KINDS)
+# Commands that change connection state the session tracks (looked up once per command).
+SPECIAL = frozenset(
+    SUBSCRIBE_CMDS
+    | {"multi", "exec", "discard", "reset", "hello", "client|setname", "monitor", "client|reply", "quit"}
+)
+NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
+UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
+
+
+class Pending:
+    """A command whose reply (or local answer) the client has yet to receive."""
+
+    __slots__ = (
+        "name",
+        "client",
+        "kind",
+        "t0",
+        "timed",
+        "deferred",
+        "args",
+        "reply",
+        "expect",
+        "sub",
+        "on_reply",
+    )
+
+    def __init__(self, name: str, client: str, kind: int, t0: float, args: list[bytes] | None) -> None:
+        self.name = name
+        self.client = client
+        self.kind = kind
+        self.t0 = t0
+        self.timed = True
+        self.deferred = False  # sent inside MULTI: counted upstream once its fate is known
+        self.args = args  # kept only for SPECIAL commands
+        self.reply: bytes | None = None
+        self.expect: int | None = 1  # reply frames still expected; None: computed at the head
+        self.sub = False  # a (P|S)(UN)SUBSCRIBE outside MULTI: confirmations are pushes
+        self.on_reply: Callable[[bool, bytes], None] | None = None
+
+
+class Admission:
+    """What the policy layer decided for one command (see :meth:`Session.admit`)."""
+
+    FORWARD = 0
+    REPLY = 1  # answer locally with ``reply`` (outcome ``outcome``)
+    WAIT = 2  # hold this command (and all after it) until ``resume`` is called
+
+
+class Session:
+    """Per-connection proxy logic. The I/O layer supplies the sinks and calls the ``on_*`` methods."""
+
+    def __init__(
+        self,
+        stats: Stats,
+        send_client: Callable[[bytes], None],
+        close_client: Callable[[], None],
+        *,
+        listener: str | None = None,
+        peer: str = "",
+        max_bulk: int | None = None,
+        max_query: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        policy: Any = None,
+    ) -> None:
+        self.stats = stats
+        self._send_client = send_client
+        self._close_client = close_client
+        self._send_upstream: Callable[[bytes], None] | None = None
+        self._close_upstream: Callable[[], None] | None = None
+        self.peer = peer
+        self.listener = listener
+        self.clock = clock
+        self.policy = policy
+        kw = {}
+        if max_bulk is not None:
+            kw["max_bulk"] = max_bulk
+        if max_query is not None:
+            kw["max_query"] = max_query
+        self.parser = RequestParser(**kw)
+        self.framer = ReplyFramer()
+        # Awaiting a reply, in order: a plain command is a tuple (name, client, t0, timed), anything
+        # needing more (state changes, MULTI, local answers, the proxy's own commands) a Pending.
+        self.pending: deque[Any] = deque()
+        self.waiting: deque[tuple[list[bytes], bytes]] = deque()  # parsed, not yet dispatched
+        self.n_special = 0  # LOCAL and INTERNAL entries in ``pending``
+        self.internal_buf = b""
+        # identity
+        self.user: str | None = None  # authenticated proxy user (set by the policy layer)
+        self.name: bytes | None = None  # CLIENT SETNAME / HELLO SETNAME
+        self.client = self._compute_label()
+        # server-side state, as established by replies (exact)
+        self.protocol = 2
+        self.in_multi = False
+        self.tx_queued: list[tuple[str, str]] = []
+        self.channels = 0
+        self.patterns = 0
+        self.shard_channels = 0
+        self.monitor = False
+        # client-side view at send time (what the next command will be sent under)
+        self.multi_view = False
+        self.reply_off = False
+        self.reply_skip = False
+        # lifecycle
+        self.connected = False
+        self.closing = False  # close the client once everything pending is answered
+        self.closed = False
+        self.held = False  # dispatch is holding (policy WAIT)
+
+    # -- identity --------------------------------------------------------------------------
+    def _compute_label(self) -> str:
+        if self.user is not None:
+            return self.user
+        if self.listener is not None:
+            return self.listener
+        return self.stats.labels.label(self.name)
+
+    def set_user(self, user: str | None) -> None:
+        self.user = user
+        self.client = self._compute_label()
+
+    # -- wiring ------------------------------------------------------------------------------
+    def upstream_connected(
+        self,
+        send_upstream: Callable[[bytes], None],
+        close_upstream: Callable[[], None],
+        handshake: list[tuple[list[bytes], Callable[[bool, bytes], None] | None]] = (),
+    ) -> None:
+        """The upstream connection is up. ``handshake`` lists commands the proxy sends first on its
+        own behalf (credentials, HELLO, SELECT), each with a callback for its reply."""
+        self._send_upstream = send_upstream
+        self._close_upstream = close_upstream
+        self.connected = True
+        if handshake:
+            now = self.clock()
+            out = []
+            for args, cb in handshake:
+                info = cmdtable.lookup(args)
+                name = info.name if info is not None else cmdtable.UNKNOWN
+                e = Pending(name, PROXY_CLIENT, INTERNAL, now, None)
+                e.on_reply = cb
+                self.pending.append(e)
+                self.n_special += 1
+                self.stats.count_upstream(PROXY_CLIENT, name)
+                out.append(encode_command(args))
+            self._write_upstream(b"".join(out))
+        self._dispatch()
+
+    def upstream_failed(self, reason: str) -> None:
+        """The upstream connection could not be made: every command gets an error, then close."""
+        msg = encode_error("ERR upstream unavailable: " + reason)
+        self._reject_all(msg)
+
+    def _reject_all(self, msg: bytes) -> None:
+        out = []
+        while self.waiting:
+            args, raw = self.waiting.popleft()
+            if not args:  # a queued protocol error
+                out.append(raw)
+                break
+            self.stats.count_command(self.client, cmdtable.command_name(args), "rejected")
+            out.append(msg)
+        if out:
+            self._write_client(b"".join(out))
+        self.closing = True
+        self._maybe_close()
+
+    # -- client side -------------------------------------------------------------------------
+    def client_data(self, data: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        self.stats.bytes["from_client"] += len(data)
+        cmds, raw = self.parser.feed(data)
+        if cmds:
+            if self.monitor:
+                self._passthrough_commands(cmds, raw)
+            elif not self.waiting and self.connected and not self.held:
+                self._dispatch_batch(cmds, raw)
+            else:
+                for args, s, e in cmds:
+                    self.waiting.append((args, raw[s:e]))
+                self._dispatch()
+        if self.parser.error is not None:
+            self.stats.protocol_errors += 1
+            err = encode_error("ERR " + self.parser.error)
+            if self.waiting or not self.connected:
+                # Answer after the commands still waiting, then close.
+                self.waiting.append(([], err))
+                if self.connected:
+                    self._dispatch()
+                else:
+                    self.closing = True
+            else:
+                self._answer(err, None, None)
+                self.closing = True
+                self._maybe_close()
+
+    def client_closed(self) -> None:
+        """The client went away: its upstream connection is closed at once."""
+        self.closed = True
+        if self._close_upstream is not None:
+            self._close_upstream()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        for e in self.pending:
+            if type(e) is tuple:
+                self.stats.count_command(e[1], e[0], "error")
+            elif e.kind == UPSTREAM:
+                self.stats.count_command(e.client, e.name, "error")
+        self.pending.clear()
+        self.waiting.clear()
+        self.n_special = 0
+
+    @property
+    def backlog(self) -> int:
+        """Commands held by this session (waiting plus awaiting a reply): the I/O layer pauses reading
+        from the client while this is large."""
+        return len(self.waiting) + len(self.pending)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def admit(self, args: list[bytes], info: Any, name: str) -> tuple[int, Any, str]:
+        """Policy hook: (Admission.FORWARD, None, "") or (REPLY, bytes, outcome) or (WAIT, None, "")."""
+        if self.policy is None:
+            return Admission.FORWARD, None, ""
+        return self.policy.admit(self, args, info, name)
+
+    def _dispatch_batch(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
+        """Fast path: a batch straight from the parser with nothing waiting before it."""
+        now = self.clock()
+        start = 0
+        if (
+            not (self.multi_view or self.reply_off or self.reply_skip)
+            and (self.policy is None or self.policy.fast_admit(self, len(cmds)))
+        ):
+            # Plain commands only (the usual pipeline): no policy verdicts, counted in runs.
+            client = self.client
+            append = self.pending.append
+            lookup = cmdtable.lookup
+            upstream = self.stats.upstream
+            run_name = None
+            run_n = 0
+            for args, _s, _e in cmds:
+                info = lookup(args)
+                if info is None:
+                    name = cmdtable.UNKNOWN
+                    timed = True
+                else:
+                    name = info.name
+                    if name in SPECIAL:
+                        break
+                    timed = not info.blocking
+                append((name, client, now, timed))
+                if name is run_name:
+                    run_n += 1
+                else:
+                    if run_n:
+                        key = (client, run_name)
+                        upstream[key] = upstream.get(key, 0) + run_n
+                    run_name = name
+                    run_n = 1
+                start += 1
+            if run_n:
+                key = (client, run_name)
+                upstream[key] = upstream.get(key, 0) + run_n
+            if start == len(cmds):
+                self._write_upstream(raw)
+                return
+        send_from = cmds[start][1]  # start of the run of forwarded bytes not yet written
+        i = start
+        for args, s, e in cmds[start:]:
+            verdict = self._route(args, now)
+            if verdict is None:
+                i += 1
+                continue
+            # Not forwarded as is: write the run before it, then handle it.
+            if s > send_from:
+                self._write_upstream(raw[send_from:s])
+            send_from = e
+            kind, payload = verdict
+            if kind == Admission.WAIT:
+                for rest in cmds[i:]:
+                    self.waiting.append((rest[0], raw[rest[1] : rest[2]]))
+                send_from = len(raw)
+                break
+            if kind == -1:  # forward replaced bytes
+                self._write_upstream(payload)
+            i += 1
+        if send_from < len(raw):
+            self._write_upstream(raw[send_from:] if send_from else raw)
+
+    def _dispatch(self) -> None:
+        """Slow path: dispatch what is waiting, in order, until something must wait."""
+        if not self.connected or self.closed:
+            return
+        self.held = False
+        now = self.clock()
+        out: list[bytes] = []
+        waiting = self.waiting
+        while waiting:
+            args, raw = waiting[0]
+            if not args:  # a queued protocol error: answer it, then close
+                waiting.popleft()
+                if out:
+                    self._write_upstream(b"".join(out))
+                    out = []
+                self._answer(raw, None, None)
+                self.closing = True
+                waiting.clear()
+                break
+            verdict = self._route(args, now)
+            if verdict is None:
+                waiting.popleft()
+                out.append(raw)
+                continue
+            kind, payload = verdict
+            if kind == Admission.WAIT:
+                self.held = True
+                break
+            waiting.popleft()
+            if kind == -1:
+                out.append(payload)
+        if out:
+            self._write_upstream(b"".join(out))
+        self._maybe_close()
+
+    def resume(self) -> None:
+        """Called by the policy layer when a held command may be looked at again."""
+        if self.held:
+            self._dispatch()
+
+    def _route(self, args: list[bytes], now: float) -> tuple[int, Any] | None:
+        """Decide one command. None: forward its bytes as they are (already accounted)."""
+        info = cmdtable.lookup(args)
+        name = info.name if info is not None else cmdtable.UNKNOWN
+        client = self.client
+        replaced = None
+        if self.policy is not None:
+            kind, payload, outcome = self.policy.admit(self, args, info, name)
+            if kind == Admission.WAIT:
+                return Admission.WAIT, None
+            if kind == Admission.REPLY:
+                self.stats.count_command(client, name, outcome)
+                self._answer(payload, name, client)
+                return Admission.REPLY, None
+            if kind == -1:
+                replaced = payload
+        silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
+        if not (silent or self.multi_view or name in SPECIAL):
+            # the common case: a plain entry
+            self.stats.count_upstream(client, name)
+            self.pending.append((name, client, now, not (info is not None and info.blocking)))
+            return None if replaced is None else (-1, replaced)
+        e = Pending(name, client, UPSTREAM, now, None)
+        if self.multi_view and name not in NOT_DEFERRED:
+            e.deferred = True
+        else:
+            self.stats.count_upstream(client, name)
+        self.reply_skip = False
+        if name in SPECIAL:
+            self._special_send(e, args)
+        elif info is not None and info.blocking:
+            e.timed = False
+        if silent and not (name == "client|reply" and e.expect == 1):
+            e.expect = 0
+        if e.expect == 0 and not self.pending:
+            self._complete(e, False, now)
+        else:
+            self.pending.append(e)
+        if replaced is not None:
+            return -1, replaced
+        return None
+
+    def _special_send(self, e: Pending, args: list[bytes]) -> None:
+        name = e.name
+        e.args = args
+        e.timed = name not in UNTIMED
+        if name in SUBSCRIBE_CMDS:
+            e.expect = None  # decided when it reaches the head (MULTI or not, how many channels)
+        elif name == "multi":
+            self.multi_view = True
+        elif name in ("exec", "discard", "reset"):
+            self.multi_view = False
+            if name == "reset":
+                self.reply_off = self.reply_skip = False
+        elif name == "client|reply" and len(args) >= 3:
+            mode = args[2].lower()
+            if mode == b"off":
+                self.reply_off = True
+                e.expect = 0
+            elif mode == b"skip":
+                if not self.reply_off:
+                    self.reply_skip = True
+                e.expect = 0
+            elif mode == b"on":
+                self.reply_off = self.reply_skip = False
+                e.expect = 1
+
+    def _answer(self, reply: bytes, name: str | None, client: str | None) -> None:
+        """Queue a local reply behind everything still pending (or send it now)."""
+        if not self.pending:
+            self._write_client(reply)
+            return
+        e = Pending(name or "", client or "", LOCAL, 0.0, None)
+        e.reply = reply
+        self.pending.append(e)
+        self.n_special += 1
+
+    def _passthrough_commands(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
+        # MONITOR mode: replies cannot be told from the monitor stream; count and pass bytes through.
+        for args, _s, _e in cmds:
+            name = cmdtable.command_name(args)
+            self.stats.count_upstream(self.client, name)
+            self.stats.count_command(self.client, name, "ok")
+        self._write_upstream(raw)
+
+    # -- upstream side ----------------------------------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.stats.bytes["from_upstream"] += len(data)
+        if self.monitor:
+            self.stats.pushes += data.count(b"\r\n")
+            self._write_client(data)
+            return
+        try:
+            frames = self.framer.feed(data)
+        except ProtocolError as exc:
+            self.stats.upstream_error("protocol")
+            self.upstream_lost("protocol error from upstream: %s" % exc)
+            return
+        now = self.clock()
+        if self.n_special == 0 and not self.internal_buf:
+            # Fast path: every byte goes to the client as it came.
+            self._write_client(data)
+            pending = self.pending
+            stats = self.stats
+            counts = stats.commands
+            # Runs of equal (command, client, outcome, send time) are counted once: a pipeline's
+            # replies usually are one run.
+            run_key = None
+            run_t0 = 0.0
+            run_n = 0
+            run_timed = False
+            for fr in frames:
+                k = fr[1]
+                if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
+                    name, client, t0, timed = pending.popleft()
+                    if run_key is not None and t0 == run_t0 and run_key[1] == name and run_key[0] == client and (run_key[2] == "error") == (k == KIND_ERROR):
+                        run_n += 1
+                        continue
+                    if run_key is not None:
+                        counts[run_key] = counts.get(run_key, 0) + run_n
+                        if run_timed:
+                            stats.observe_latency(run_key[1], now - run_t0, run_n)
+                    run_key = (client, name, "error" if k else "ok")
+                    run_t0 = t0
+                    run_n = 1
+                    run_timed = timed
+                    continue
+                if run_key is not None:
+                    counts[run_key] = counts.get(run_key, 0) + run_n
+                    if run_timed:
+                        stats.observe_latency(run_key[1], now - run_t0, run_n)
+                    run_key = None
+                self._on_frame(fr, now)
+                if self.monitor:
+                    break
+            if run_key is not None:
+                counts[run_key] = counts.get(run_key, 0) + run_n
+                if run_timed:
+                    stats.observe_latency(run_key[1], now - run_t0, run_n)
+            if pending and type(pending[0]) is Pending and pending[0].expect == 0:
+                self._drain_head(None, now)
+            self._maybe_close()
+            return
+        out: list[bytes] = []
+        start = 0
+        for fr in frames:
+            head = self.pending[0] if self.pending else None
+            internal = type(head) is Pending and head.kind == INTERNAL and fr[1] != KIND_PUSH
+            seg = data[start : fr[0]]
+            start = fr[0]
+            if internal:
+                self.internal_buf += seg
+            else:
+                out.append(seg)
+            self._on_frame(fr, now)
+            # local answers now due go right after the reply they waited for
+            self._drain_head(out, now)
+            if self.monitor:
+                out.append(data[start:])
+                start = len(data)
+                break
+        if start < len(data):
+            head = self.pending[0] if self.pending else None
+            if type(head) is Pending and head.kind == INTERNAL:
+                self.internal_buf += data[start:]
+            else:
+                out.append(data[start:])
+        if out:
+            self._write_client(b"".join(out))
+        self._maybe_close()
+
+    def _on_frame(self, fr: Any, now: float) -> None:
+        pending = self.pending
+        kind = fr[1]
+        h = pending[0] if pending else None
+        obj = type(h) is Pending
+        if obj and h.expect is None:
+            self._at_head(h)
+        sub = obj and h.sub
+        if kind == KIND_PUSH:
+            if sub and fr[2] is not None and fr[2].lower() in CONFIRM_KINDS:
+                self._confirmation(h, fr, now)
+            else:
+                self.stats.pushes += 1
+            return
+        if kind == KIND_ARRAY and self.protocol == 2 and fr[2] is not None:
+            head = fr[2].lower()
+            if head in MESSAGE_KINDS and self._subscribed():
+                self.stats.pushes += 1
+                return
+            if head in CONFIRM_KINDS:
+                if sub:
+                    self._confirmation(h, fr, now)
+                    return
+                if self._subscribed():
+                    self.stats.pushes += 1
+                    return
+        if h is None:
+            self.stats.unpaired_replies += 1
+            return
+        pending.popleft()
+        if not obj:
+            name, client, t0, timed = h
+            self.stats.count_command(client, name, "error" if kind == KIND_ERROR else "ok")
+            if timed:
+                self.stats.observe_latency(name, now - t0)
+        elif h.kind == INTERNAL:
+            self.n_special -= 1
+            self._complete_internal(h, kind == KIND_ERROR)
+        else:
+            self._complete(h, kind == KIND_ERROR, now, kind)
+
+    def _drain_head(self, out: list[bytes] | None, now: float) -> None:
+        """Pop what is due at the head: local answers (appended to ``out``, or written) and commands
+        that expect no reply (CLIENT REPLY OFF/SKIP)."""
+        pending = self.pending
+        while pending:
+            h = pending[0]
+            if type(h) is tuple:
+                return
+            if h.kind == LOCAL:
+                pending.popleft()
+                self.n_special -= 1
+                if out is None:
+                    self._write_client(h.reply)  # type: ignore[arg-type]
+                else:
+                    out.append(h.reply)  # type: ignore[arg-type]
+            elif h.expect == 0 and h.kind == UPSTREAM:
+                pending.popleft()
+                self._complete(h, False, now)
+            else:
+                return
+
+    def _at_head(self, h: Pending) -> None:
+        """Decide a subscription command's reply shape now that the server state is known."""
+        if self.in_multi:
+            h.expect = 1
+            return
+        args = h.args or []
+        n = len(args) - 1
+        name = h.name
+        if n > 0:
+            h.expect = n
+        elif name == "unsubscribe":
+            h.expect = max(1, self.channels)
+        elif name == "punsubscribe":
+            h.expect = max(1, self.patterns)
+        elif name == "sunsubscribe":
+            h.expect = max(1, self.shard_channels)
+        else:
+            h.expect = 1  # a subscribe without channels: an arity error
+        h.sub = n > 0 or name.endswith("unsubscribe")
+
+    def _confirmation(self, h: Pending, fr: Any, now: float) -> None:
+        kind = fr[2].lower()
+        num = fr[3]
+        if num is not None:
+            if kind in (b"subscribe", b"unsubscribe"):
+                self.channels = max(0, num - self.patterns)
+            elif kind in (b"psubscribe", b"punsubscribe"):
+                self.patterns = max(0, num - self.channels)
+            else:
+                self.shard_channels = max(0, num)
+        h.expect = (h.expect or 1) - 1
+        if h.expect <= 0:
+            self.pending.popleft()
+            self._complete(h, False, now)
+
+    def _subscribed(self) -> bool:
+        return bool(self.channels or self.patterns or self.shard_channels)
+
+    def _complete(self, e: Pending, error: bool, now: float, kind: int = 0) -> None:
+        stats = self.stats
+        name = e.name
+        stats.count_command(e.client, name, "error" if error else "ok")
+        if e.timed:
+            stats.observe_latency(name, now - e.t0)
+        if e.deferred:
+            if error or not self.in_multi:
+                stats.count_upstream(e.client, name)  # rejected while queueing, or not in MULTI
+            else:
+                self.tx_queued.append((e.client, name))
+        if e.args is not None:
+            self._special_reply(e, error, kind)
+
+    def _special_reply(self, e: Pending, error: bool, kind: int) -> None:
+        name = e.name
+        args = e.args or []
+        if name == "multi":
+            if not error:
+                self.in_multi = True
+        elif name == "exec":
+            if self.in_multi and kind == KIND_ARRAY:
+                for client, cmd in self.tx_queued:
+                    self.stats.count_upstream(client, cmd)
+            self.tx_queued.clear()
+            self.in_multi = False
+        elif name == "discard":
+            self.tx_queued.clear()
+            self.in_multi = False
+        elif error or self.in_multi:
+            return
+        elif name == "hello":
+            if len(args) >= 2:
+                try:
+                    self.protocol = int(args[1])
+                except ValueError:
+                    pass
+            i = 2
+            while i < len(args):
+                opt = args[i].lower()
+                if opt == b"auth":
+                    i += 3
+                elif opt == b"setname" and i + 1 < len(args):
+                    self.name = args[i + 1]
+                    self.client = self._compute_label()
+                    i += 2
+                else:
+                    i += 1
+        elif name == "client|setname" and len(args) >= 3:
+            self.name = args[2] or None
+            self.client = self._compute_label()
+        elif name == "reset":
+            self.protocol = 2
+            self.name = None
+            self.client = self._compute_label()
+            self.channels = self.patterns = self.shard_channels = 0
+            self.tx_queued.clear()
+            self.in_multi = False
+            self.monitor = False
+        elif name == "monitor":
+            self.monitor = True
+        elif name == "quit":
+            self.closing = True
+
+    def _complete_internal(self, e: Pending, error: bool) -> None:
+        data, self.internal_buf = self.internal_buf, b""
+        if e.on_reply is not None:
+            e.on_reply(error, data)
+
+    def upstream_lost(self, reason: str) -> None:
+        """The upstream connection ended or broke: the client connection is closed (after what was
+        already received has been passed on)."""
+        self.connected = False
+        self._abandon()
+        self.closing = True
+        if self._close_upstream is not None:
+            self._close_upstream()
+        self._close_client()
+        self.closed = True
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _write_upstream(self, data: bytes) -> None:
+        if data and self._send_upstream is not None:
+            self.stats.bytes["to_upstream"] += len(data)
+            self._send_upstream(data)
+
+    def _write_client(self, data: bytes) -> None:
+        if data and not self.closed:
+            self.stats.bytes["to_client"] += len(data)
+            self._send_client(data)
+
+    def _maybe_close(self) -> None:
+        if self.closing and not self.pending and not self.closed and not self.held:
+            self.closed = True
+            if self._close_upstream is not None:
+                self._close_upstream()
+            self._close_client()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: safe to close during a graceful shutdown."""
+        return not self.pending and not self.waiting and not self.parser.pending

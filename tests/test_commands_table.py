@@ -1,0 +1,352 @@
+"""Tests for proxy/commands.py and the generated proxy/command_table.json."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy import commands
+from proxy.commands import (
+    UNKNOWN,
+    CommandInfo,
+    all_commands,
+    command_name,
+    first_key,
+    key_indices,
+    lookup,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TABLE = REPO / "proxy" / "command_table.json"
+GEN = REPO / "scripts" / "gen_command_table.py"
+
+
+def keys(*args: bytes) -> list[bytes]:
+    a = list(args)
+    info = lookup(a)
+    assert info is not None, a
+    return [a[i] for i in key_indices(info, a)]
+
+
+# --------------------------------------------------------------------------
+# Table / loading
+# --------------------------------------------------------------------------
+def test_table_loads():
+    data = json.loads(TABLE.read_text(encoding="utf-8"))
+    hdr = data["header"]
+    assert hdr["redis_version"]
+    assert "gen_command_table.py" in hdr["regenerate"]
+    assert hdr["command_count"] == len(data["commands"])
+    cmds = all_commands()
+    assert len(cmds) == len(data["commands"])
+    assert all(isinstance(v, CommandInfo) for v in cmds.values())
+    assert all(k == v.name for k, v in cmds.items())
+    for name in ("get", "set", "client", "client|setname", "config|get", "script|load", "xinfo|stream"):
+        assert name in cmds
+    # all_commands() hands out a copy
+    cmds.clear()
+    assert all_commands()
+    assert commands.TABLE_HEADER["redis_version"] == hdr["redis_version"]
+
+
+def test_table_file_is_canonical():
+    text = TABLE.read_text(encoding="utf-8")
+    assert text.endswith("}\n")
+    names = list(json.loads(text)["commands"])
+    assert names == sorted(names)
+
+
+def test_command_info_is_hashable_and_frozen():
+    info = lookup([b"client"])
+    hash(info)
+    with pytest.raises(Exception):
+        info.name = "x"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------
+# lookup / command_name
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", [b"get", b"GET", b"Get", b"gEt"])
+def test_lookup_get_any_case(spelling):
+    info = lookup([spelling, b"k"])
+    assert info is not None
+    assert info.name == "get"
+    assert info.arity == 2
+    assert info.first_key == info.last_key == info.step == 1
+    assert info.group == "string"
+    assert info.summary
+    assert "readonly" in info.flags and not info.write
+    assert command_name([spelling, b"k"]) == "get"
+
+
+def test_lookup_is_same_object_for_all_spellings():
+    assert lookup([b"get"]) is lookup([b"GET"]) is lookup([b"GeT"])
+
+
+def test_common_spellings_need_no_lower():
+    class NoLower(bytes):
+        def lower(self):  # pragma: no cover - must never be called
+            raise AssertionError("lower() called on the hot path")
+
+        def upper(self):  # pragma: no cover
+            raise AssertionError("upper() called on the hot path")
+
+    assert lookup([NoLower(b"GET"), NoLower(b"k")]).name == "get"
+    assert lookup([NoLower(b"get"), NoLower(b"k")]).name == "get"
+    assert lookup([NoLower(b"CLIENT"), NoLower(b"SETNAME"), b"x"]).name == "client|setname"
+    assert lookup([NoLower(b"client"), NoLower(b"setname"), b"x"]).name == "client|setname"
+    # and the dict really holds both spellings
+    assert b"GET" in commands._TOP and b"get" in commands._TOP
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        ([b"client", b"setname", b"x"], "client|setname"),
+        ([b"CLIENT", b"SETNAME", b"x"], "client|setname"),
+        ([b"Client", b"SetName", b"x"], "client|setname"),
+        ([b"config", b"get", b"maxmemory"], "config|get"),
+        ([b"CONFIG", b"GET", b"maxmemory"], "config|get"),
+        ([b"script", b"load", b"return 1"], "script|load"),
+        ([b"OBJECT", b"ENCODING", b"k"], "object|encoding"),
+        ([b"xinfo", b"stream", b"s"], "xinfo|stream"),
+        ([b"client"], "client"),
+        ([b"CONFIG"], "config"),
+    ],
+)
+def test_subcommands(args, name):
+    assert command_name(args) == name
+    assert lookup(args).name == name
+
+
+def test_unknown_command_and_subcommand():
+    assert lookup([b"nosuchcommand"]) is None
+    assert command_name([b"nosuchcommand", b"x"]) == UNKNOWN == "unknown"
+    assert lookup([b"client", b"nosuchsub"]) is None
+    assert command_name([b"CONFIG", b"nosuchsub"]) == "unknown"
+    assert lookup([]) is None
+    assert command_name([]) == "unknown"
+    assert first_key([b"nosuchcommand", b"k"]) is None
+
+
+def test_container_subcommand_map():
+    client = lookup([b"client"])
+    assert client.subcommands
+    assert client.subcommands[b"setname"] is client.subcommands[b"SETNAME"]
+    assert lookup([b"get"]).subcommands == {}
+    # non-containers ignore the second argument
+    assert lookup([b"set", b"client"]).name == "set"
+
+
+def test_flags():
+    brpop = lookup([b"brpop"])
+    assert brpop.blocking and "blocking" in brpop.flags and brpop.write
+    sub = lookup([b"subscribe", b"ch"])
+    assert sub.pubsub and not sub.blocking
+    st = lookup([b"SET", b"k", b"v"])
+    assert st.write and not st.pubsub and not st.blocking
+    assert all(f == f.lower() for f in st.flags)
+    assert not lookup([b"get", b"k"]).write
+
+
+# --------------------------------------------------------------------------
+# key_indices / first_key
+# --------------------------------------------------------------------------
+def test_keys_simple():
+    a = [b"GET", b"k"]
+    assert key_indices(lookup(a), a) == [1]
+    assert first_key(a) == b"k"
+    assert first_key([b"GET"]) is None  # too few args: no crash
+    assert first_key([b"PING"]) is None
+    assert keys(b"set", b"k", b"v", b"EX", b"10") == [b"k"]
+
+
+def test_keys_mset_step2():
+    assert keys(b"MSET", b"a", b"1", b"b", b"2", b"c", b"3") == [b"a", b"b", b"c"]
+    assert keys(b"mset", b"a", b"1", b"b") == [b"a", b"b"]  # odd count: what is there
+
+
+def test_keys_brpop():
+    assert keys(b"BRPOP", b"a", b"b", b"c", b"0") == [b"a", b"b", b"c"]
+    assert keys(b"blpop", b"a", b"0") == [b"a"]
+    assert keys(b"blpop", b"0") == []
+
+
+def test_keys_del_exists():
+    assert keys(b"DEL", b"a", b"b", b"c") == [b"a", b"b", b"c"]
+
+
+def test_keys_eval_numkeys():
+    assert keys(b"EVAL", b"return 1", b"2", b"k1", b"k2", b"a1") == [b"k1", b"k2"]
+    assert keys(b"evalsha", b"abc", b"1", b"k1", b"a1") == [b"k1"]
+    assert keys(b"FCALL", b"fn", b"0", b"a1") == []
+    assert keys(b"FCALL_RO", b"fn", b"1", b"k") == [b"k"]
+    assert first_key([b"EVAL", b"s", b"2", b"k1", b"k2"]) == b"k1"
+
+
+@pytest.mark.parametrize(
+    "numkeys", [b"x", b"", b"-1", b"1.5", b" 1", b"+1", b"01", b"9" * 5000, b"\xff"]
+)
+def test_keys_malformed_numkeys(numkeys):
+    a = [b"EVAL", b"return 1", numkeys, b"k1", b"k2"]
+    idx = key_indices(lookup(a), a)
+    assert all(1 <= i < len(a) for i in idx)
+    if numkeys != b"9" * 5000:
+        assert idx == []
+    else:  # absurdly large: clamp to what is there
+        assert idx == [3, 4]
+
+
+def test_keys_numkeys_too_large_or_missing():
+    assert keys(b"EVAL", b"return 1", b"5", b"k1") == [b"k1"]
+    assert keys(b"EVAL", b"return 1") == []
+    assert keys(b"ZUNIONSTORE", b"dst", b"3", b"a") == [b"dst", b"a"]
+
+
+def test_keys_xread_streams():
+    assert keys(b"XREAD", b"STREAMS", b"a", b"b", b"0", b"0") == [b"a", b"b"]
+    assert keys(b"XREAD", b"COUNT", b"2", b"BLOCK", b"0", b"streams", b"a", b"0") == [b"a"]
+    assert keys(b"XREADGROUP", b"GROUP", b"g", b"c", b"COUNT", b"1", b"STREAMS",
+                b"s1", b"s2", b">", b">") == [b"s1", b"s2"]
+    assert keys(b"XREAD", b"COUNT", b"2") == []  # no STREAMS keyword
+    assert keys(b"XREAD", b"STREAMS") == []
+
+
+def test_keys_zunionstore_zinter():
+    assert keys(b"ZUNIONSTORE", b"dst", b"2", b"a", b"b", b"WEIGHTS", b"1", b"2") == [b"dst", b"a", b"b"]
+    assert keys(b"ZINTER", b"2", b"a", b"b", b"WITHSCORES") == [b"a", b"b"]
+    assert keys(b"ZINTERSTORE", b"dst", b"notanumber", b"a") == [b"dst"]
+    assert keys(b"LMPOP", b"2", b"a", b"b", b"LEFT") == [b"a", b"b"]
+    assert keys(b"BLMPOP", b"0", b"1", b"a", b"LEFT") == [b"a"]
+
+
+def test_keys_sort_store():
+    assert keys(b"SORT", b"src") == [b"src"]
+    assert keys(b"SORT", b"src", b"BY", b"w_*", b"LIMIT", b"0", b"10", b"GET", b"store",
+                b"ALPHA", b"STORE", b"dst") == [b"src", b"dst"]
+    assert keys(b"SORT_RO", b"src", b"BY", b"w_*") == [b"src"]
+
+
+def test_keys_migrate():
+    assert keys(b"MIGRATE", b"h", b"6379", b"k", b"0", b"5000") == [b"k"]
+    assert keys(b"MIGRATE", b"h", b"6379", b"", b"0", b"5000", b"COPY", b"KEYS",
+                b"a", b"b") == [b"a", b"b"]
+
+
+def test_keys_georadius_store():
+    assert keys(b"GEORADIUS", b"src", b"0", b"0", b"10", b"km", b"STORE", b"dst") == [b"src", b"dst"]
+    assert keys(b"GEORADIUSBYMEMBER", b"src", b"m", b"10", b"km", b"STOREDIST", b"d") == [b"src", b"d"]
+    assert keys(b"GEORADIUS", b"src", b"0", b"0", b"10", b"km") == [b"src"]
+
+
+def test_keys_subcommands():
+    assert keys(b"OBJECT", b"ENCODING", b"k") == [b"k"]
+    assert keys(b"MEMORY", b"USAGE", b"k", b"SAMPLES", b"0") == [b"k"]
+    assert keys(b"XGROUP", b"CREATE", b"s", b"g", b"$") == [b"s"]
+    assert keys(b"CLIENT", b"SETNAME", b"x") == []
+
+
+def test_keys_not_key_specs():
+    a = [b"SPUBLISH", b"chan", b"msg"]
+    info = lookup(a)
+    assert key_indices(info, a) == []
+    assert key_indices(info, a, include_not_keys=True) == [1]
+
+
+def test_key_indices_legacy_fallback():
+    # An info without key specs falls back to first_key/last_key/step.
+    info = CommandInfo(
+        name="x", arity=-2, flags=frozenset(), first_key=1, last_key=-1, step=2,
+        key_specs=(), group="", summary="", blocking=False, pubsub=False, write=False,
+    )
+    assert key_indices(info, [b"X", b"a", b"1", b"b", b"2"]) == [1, 3]
+    assert key_indices(info, [b"X"]) == []
+
+
+def test_key_indices_never_raise_on_short_args():
+    for name, info in all_commands().items():
+        words = [w.encode() for w in name.split("|")]
+        for extra in ([], [b"1"], [b"x", b"2", b"y"], [b"-3"] * 3):
+            a = words + extra
+            for i in key_indices(info, a, include_not_keys=True):
+                assert 1 <= i < len(a)
+
+
+# --------------------------------------------------------------------------
+# Regeneration against a real redis-server
+# --------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server():
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not on PATH")
+    tmp = tempfile.mkdtemp(prefix="test-cmdtable-")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", tmp, "--logfile", ""],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, "redis-server exited early"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not come up"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_regenerate_matches_committed_file(redis_server, tmp_path):
+    out = tmp_path / "command_table.json"
+    subprocess.run(
+        [sys.executable, str(GEN), "--url", f"redis://127.0.0.1:{redis_server}", "--output", str(out)],
+        check=True, cwd=REPO, timeout=120,
+    )
+    committed = TABLE.read_text(encoding="utf-8")
+    fresh = out.read_text(encoding="utf-8")
+    if fresh != committed:
+        v_old = json.loads(committed)["header"]["redis_version"]
+        v_new = json.loads(fresh)["header"]["redis_version"]
+        pytest.fail(
+            f"regenerated table differs from proxy/command_table.json "
+            f"(committed from Redis {v_old}, local redis-server is {v_new}); "
+            f"run: python scripts/gen_command_table.py --spawn"
+        )
+
+
+def test_generator_spawn_and_check(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not on PATH")
+    r = subprocess.run(
+        [sys.executable, str(GEN), "--spawn", "--check", "--output", str(TABLE)],
+        cwd=REPO, timeout=120, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
