@@ -327,6 +327,7 @@ class Session:
                 for rest in cmds[i:]:
                     self.waiting.append((rest[0], raw[rest[1] : rest[2]]))
                 send_from = len(raw)
+                self.held = True
                 break
             if kind == -1:  # forward replaced bytes
                 self._write_upstream(payload)

@@ -68,6 +68,10 @@ __all__ = [
     "parse_commandstats",
     "commandstats_delta",
     "kill_all_children",
+    "RespError",
+    "RespPush",
+    "RespSocket",
+    "encode_resp",
 ]
 
 
@@ -1081,3 +1085,146 @@ def commandstats_delta(before: Mapping[str, int], after: Mapping[str, int]) -> d
         if d:
             out[name] = d
     return out
+
+
+# --------------------------------------------------------------------------
+# raw RESP sockets (for tests where redis-py hides protocol details)
+# --------------------------------------------------------------------------
+
+
+class RespError(str):
+    """An error reply (``-ERR ...`` / ``!``) as returned by :class:`RespSocket.read`."""
+
+
+class RespPush(list):
+    """A RESP3 push frame (``>``) as returned by :class:`RespSocket.read`."""
+
+
+def encode_resp(*args: bytes | str | int) -> bytes:
+    """Encode one command as a RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class RespSocket:
+    """A blocking loopback socket speaking raw RESP2/RESP3, with a full reply parser.
+
+    ``read()`` returns bytes / int / None / list / :class:`RespError` / :class:`RespPush`
+    (maps as dicts, sets as lists, doubles as float, booleans as bool).
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = bytearray()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, *args: bytes | str | int) -> None:
+        self.send(encode_resp(*args))
+
+    def call(self, *args: bytes | str | int) -> Any:
+        self.command(*args)
+        return self.read()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("connection closed by peer")
+        self.buf += chunk
+
+    def _line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[: i + 2]
+                return line
+            self._fill()
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n + 2:
+            self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[: n + 2]
+        return data
+
+    def read(self) -> Any:
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest
+        if t == b"-":
+            return RespError(rest.decode(errors="replace"))
+        if t == b":":
+            return int(rest)
+        if t in (b"$", b"=", b"!"):
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self._exact(n)
+            return RespError(data.decode(errors="replace")) if t == b"!" else data
+        if t in (b"*", b">", b"~"):
+            n = int(rest)
+            if n < 0:
+                return None
+            items = [self.read() for _ in range(n)]
+            return RespPush(items) if t == b">" else items
+        if t == b"%":
+            n = int(rest)
+            return {self._hashable(self.read()): self.read() for _ in range(n)}
+        if t == b"|":  # attribute: skip it, return the value it annotates
+            n = int(rest)
+            for _ in range(2 * n):
+                self.read()
+            return self.read()
+        if t == b"_":
+            return None
+        if t == b"#":
+            return rest == b"t"
+        if t == b",":
+            return float(rest)
+        if t == b"(":
+            return int(rest)
+        raise AssertionError(f"unexpected RESP line {line!r}")
+
+    @staticmethod
+    def _hashable(x: Any) -> Any:
+        return tuple(x) if isinstance(x, list) else x
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """Read (and discard) until EOF/reset; True if the peer closed within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.2)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    chunk = self.sock.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    return True
+                if not chunk:
+                    return True
+                self.buf += chunk
+            return False
+        finally:
+            self.sock.settimeout(10.0)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "RespSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
