@@ -109,6 +109,21 @@ RUN_OPTIONS: list[Option] = [
            "(Redis: client-query-buffer-limit)", type=_size, metavar="SIZE"),
     Option("--client-label-limit", 100, "distinct client names kept as metric labels; the rest are 'other'",
            type=_positive_int, metavar="N"),
+    # upstream TLS and credentials
+    Option("--upstream-ca", None, "verify a rediss:// upstream against this CA file instead of the system store",
+           metavar="FILE"),
+    Option("--upstream-cert", None, "client certificate for a rediss:// upstream that asks for one", metavar="FILE"),
+    Option("--upstream-key", None, "private key of --upstream-cert", metavar="FILE"),
+    Option("--upstream-tls-insecure", False, "do not verify the upstream's certificate (development only)",
+           boolean=True),
+    Option("--upstream-password-file", None, "file holding the upstream password (instead of putting it in the "
+           "URL; RESPMETER_UPSTREAM_PASSWORD also works)", metavar="FILE"),
+    # clients
+    Option("--users", None, "TOML file of proxy users ([users.NAME] password_hash, label); clients must then "
+           "AUTH", metavar="FILE"),
+    Option("--allow-unauthenticated", False, "allow listening beyond loopback without --users", boolean=True),
+    Option("--tls-cert", None, "serve clients over TLS with this certificate", metavar="FILE"),
+    Option("--tls-key", None, "private key of --tls-cert", metavar="FILE"),
 ]
 
 
@@ -161,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy", description="Run the proxy. " + (__doc__ or "").split("\n\n")[1])
     _add_options(run, RUN_OPTIONS)
+    hp = sub.add_parser(
+        "hash-password",
+        help="hash a password for the users file",
+        description="Read a password (prompted, or one line from standard input) and print the "
+        "password_hash to put in a --users file.",
+    )
+    hp.add_argument("--stdin", action="store_true", help="read the password from standard input")
     return p
 
 
@@ -173,8 +195,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "run":
         opts = resolve(RUN_OPTIONS, ns, dict(os.environ), parser)
         return run(opts, parser)
+    if ns.command == "hash-password":
+        return hash_password_command(ns.stdin)
     parser.error(f"unknown command {ns.command}")
     return 2
+
+
+def hash_password_command(from_stdin: bool) -> int:
+    from .auth import hash_password
+
+    if from_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("respmeter: the passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("respmeter: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+class SecretFilter(logging.Filter):
+    """Defence in depth: masks known secrets in every log line, whatever code logged them."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [x for x in secrets if x]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            masked = msg
+            for x in self.secrets:
+                masked = masked.replace(x, "****")
+            if masked != msg:
+                record.msg, record.args = masked, None
+        return True
 
 
 def run(opts: dict[str, Any], parser: argparse.ArgumentParser) -> int:
@@ -188,13 +249,90 @@ def run(opts: dict[str, Any], parser: argparse.ArgumentParser) -> int:
         listens = [parse_listen(x) for x in opts["listen"]]
         upstream = parse_upstream(opts["upstream"])
         admin_host, admin_port = parse_hostport(opts["admin"], "--admin")
+        upstream = with_password(upstream, opts, dict(os.environ))
+        check_safety(opts, listens, upstream)
     except ConfigError as exc:
         print(f"respmeter: {exc}", file=sys.stderr)
         return 2
+    secret_filter = SecretFilter([upstream.password or ""])
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(secret_filter)
     factory, loop_name = loop_factory(opts["loop"])
     app = App(opts, listens, upstream, (admin_host, admin_port), loop_name)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(app.main())
+
+
+def with_password(upstream: Any, opts: dict[str, Any], env: dict[str, str]) -> Any:
+    """The upstream with its password from the URL, RESPMETER_UPSTREAM_PASSWORD or the password file."""
+    password = upstream.password
+    sources = [n for n, present in (("the URL", password is not None),
+                                    ("RESPMETER_UPSTREAM_PASSWORD", "RESPMETER_UPSTREAM_PASSWORD" in env),
+                                    ("--upstream-password-file", opts["upstream_password_file"] is not None)) if present]
+    if len(sources) > 1:
+        raise ConfigError("upstream password given more than once: " + " and ".join(sources))
+    if "RESPMETER_UPSTREAM_PASSWORD" in env:
+        password = env["RESPMETER_UPSTREAM_PASSWORD"]
+    elif opts["upstream_password_file"]:
+        path = opts["upstream_password_file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--upstream-password-file {path}: {exc.strerror}") from None
+        if not password:
+            raise ConfigError(f"--upstream-password-file {path}: the file is empty")
+    return dataclasses.replace(upstream, password=password)
+
+
+def check_safety(opts: dict[str, Any], listens: list[Listen], upstream: Any) -> None:
+    tls_opts = [f for f in ("upstream_ca", "upstream_cert", "upstream_key") if opts[f]]
+    if (tls_opts or opts["upstream_tls_insecure"]) and not upstream.tls:
+        raise ConfigError("--upstream-ca/--upstream-cert/--upstream-key/--upstream-tls-insecure need a rediss:// upstream")
+    if bool(opts["upstream_cert"]) != bool(opts["upstream_key"]):
+        raise ConfigError("--upstream-cert and --upstream-key go together")
+    if bool(opts["tls_cert"]) != bool(opts["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    open_listens = [str(x) for x in listens if not x.is_loopback]
+    if open_listens and not opts["users"] and not opts["allow_unauthenticated"]:
+        raise ConfigError(
+            f"refusing to listen on {', '.join(open_listens)} without client authentication: anyone who "
+            "can reach it could use your Redis (and your quota). Configure proxy users with --users FILE, "
+            "listen on a loopback address, or pass --allow-unauthenticated if a firewall or private "
+            "network protects it."
+        )
+
+
+def upstream_ssl_context(opts: dict[str, Any]) -> Any:
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(cafile=opts["upstream_ca"])
+        if opts["upstream_cert"]:
+            ctx.load_cert_chain(opts["upstream_cert"], opts["upstream_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"upstream TLS settings: {exc}") from None
+    if opts["upstream_tls_insecure"]:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        logging.getLogger("respmeter").warning(
+            "!!! --upstream-tls-insecure: the upstream's certificate is NOT verified; anyone on the "
+            "path can read your traffic and credentials. Use this for development only. !!!"
+        )
+    return ctx
+
+
+def downstream_ssl_context(opts: dict[str, Any]) -> Any:
+    import ssl
+
+    if not opts["tls_cert"]:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(opts["tls_cert"], opts["tls_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc}") from None
+    return ctx
 
 
 class App:
@@ -208,6 +346,13 @@ class App:
         self.loop_name = loop_name
         self.log = logging.getLogger("respmeter")
 
+    @staticmethod
+    def _offload(fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``fn`` in a worker thread; call ``done(result)`` back on the event loop."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, fn)
+        fut.add_done_callback(lambda f: done(f.result() if not f.exception() else False))
+
     async def main(self) -> int:
         from prometheus_client import CollectorRegistry
 
@@ -218,16 +363,28 @@ class App:
 
         opts = self.opts
         upstream = self.upstream
+        loop = asyncio.get_running_loop()
         settings = ProxySettings(
             upstream,
             connect_timeout=opts["connect_timeout"],
             max_bulk=opts["max_bulk"],
             max_query=opts["max_query_buffer"],
         )
-        if upstream.tls:
-            import ssl
+        try:
+            if upstream.tls:
+                settings.ssl_context = upstream_ssl_context(opts)
+            settings.downstream_ssl = downstream_ssl_context(opts)
+            verifier = None
+            if opts["users"]:
+                from .auth import AuthConfigError, Verifier, load_users_file
 
-            settings.ssl_context = ssl.create_default_context()
+                try:
+                    verifier = Verifier(load_users_file(opts["users"]), self._offload)
+                except AuthConfigError as exc:
+                    raise ConfigError(str(exc)) from None
+        except ConfigError as exc:
+            self.log.error("%s", exc)
+            return 2
 
         async def probe() -> str | None:
             loop = asyncio.get_running_loop()
@@ -251,6 +408,24 @@ class App:
         stats = Stats(opts["client_label_limit"])
         health = Health(probe)
         health.traffic = lambda: stats.bytes["from_upstream"]
+        stats.on_quota = health.quota_exceeded
+
+        from .auth import UpstreamAuth
+        from .gate import Gate
+
+        def upstream_auth_error(text: str) -> None:
+            stats.upstream_error("auth")
+            health.failed(f"upstream rejected the proxy's credentials: {text}")
+            self.log.error("upstream rejected the proxy's credentials: %s", text)
+
+        gate = Gate(
+            verifier=verifier,
+            upstream_auth=UpstreamAuth(upstream.username, upstream.password, upstream.db),
+            call_later=lambda delay, fn: loop.call_later(delay, fn),
+            on_upstream_auth_error=upstream_auth_error,
+        )
+        if verifier is not None or gate.upstream_auth is not None:
+            settings.policy = gate
         registry = CollectorRegistry()
         registry.register(StatsCollector(stats))
         proxy = Proxy(settings, self.listens, stats, health)
@@ -266,7 +441,6 @@ class App:
             "respmeter %s proxying to %s (loop: %s)", __version__, upstream.masked(), self.loop_name
         )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         signals = 0
 
         def on_signal(signum: int) -> None:

@@ -30,6 +30,7 @@ class Health:
         self._traffic_seen = 0
         self.reason = ""
         self.quota_exceeded_at = float("-inf")
+        self.quota_window = 60.0  # unhealthy this long after the upstream's last quota error
         self.quota_reason = ""
         self._probing: asyncio.Future | None = None
 
@@ -66,8 +67,8 @@ class Health:
                     self._probing = None
         if self.fail_at > self._latest_ok():
             return False, "upstream unreachable: " + self.reason
-        if self.clock() - self.quota_exceeded_at < 300:
-            return True, "ok (upstream reports its request quota exceeded: %s)" % self.quota_reason
+        if self.clock() - self.quota_exceeded_at < self.quota_window:
+            return False, "upstream request quota exceeded: " + self.quota_reason
         return True, "ok"
 
     async def _run_probe(self) -> None:

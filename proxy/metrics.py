@@ -8,7 +8,7 @@ turns them into metric families. Every label set is bounded: commands come from 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -104,6 +104,8 @@ class Stats:
         self.protocol_errors = 0
         self.pushes = 0
         self.unpaired_replies = 0
+        self.upstream_quota_exceeded = 0
+        self.on_quota: Callable[[str], None] | None = None  # told the upstream's quota error text
 
     # -- hot path helpers ---------------------------------------------------------------
     def count_command(self, client: str, command: str, outcome: str) -> None:
@@ -214,6 +216,12 @@ class StatsCollector(Collector):
             "respmeter_push_messages",
             "Out-of-band frames passed to clients (pub/sub messages, RESP3 pushes, MONITOR lines).",
             value=s.pushes,
+        )
+        yield CounterMetricFamily(
+            "respmeter_upstream_quota_exceeded",
+            "Replies in which the upstream said its request quota is used up (Upstash: 'ERR max "
+            "requests limit exceeded', 'ERR max daily request limit exceeded').",
+            value=s.upstream_quota_exceeded,
         )
         i = InfoMetricFamily("respmeter_build", "respmeter build information.")
         i.add_metric((), {"version": __version__})

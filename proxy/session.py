@@ -47,7 +47,7 @@ SUBSCRIBE_CMDS = frozenset(k.decode() for k in CONFIRM_KINDS)
 # Commands that change connection state the session tracks (looked up once per command).
 SPECIAL = frozenset(
     SUBSCRIBE_CMDS
-    | {"multi", "exec", "discard", "reset", "hello", "client|setname", "monitor", "client|reply", "quit"}
+    | {"multi", "exec", "discard", "reset", "hello", "client|setname", "monitor", "client|reply", "quit", "auth"}
 )
 NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
 UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
@@ -90,6 +90,8 @@ class Admission:
     FORWARD = 0
     REPLY = 1  # answer locally with ``reply`` (outcome ``outcome``)
     WAIT = 2  # hold this command (and all after it) until ``resume`` is called
+    REPLACE = -1  # forward ``payload`` instead of the command's bytes
+    PREFIX = -2  # write ``payload`` (the proxy's own commands, see push_internal) before the command
 
 
 class Session:
@@ -151,6 +153,14 @@ class Session:
         self.closing = False  # close the client once everything pending is answered
         self.closed = False
         self.held = False  # dispatch is holding (policy WAIT)
+        # set by the policy layer (proxy.gate): client authenticated to the proxy; upstream
+        # connection authenticated (or being) with the proxy's credentials
+        self.authed = True
+        self.up_ready = True
+        self.auth_wait_until: float | None = None
+        self.close_after_reply = False
+        if policy is not None:
+            policy.init_session(self)
 
     # -- identity --------------------------------------------------------------------------
     def _compute_label(self) -> str:
@@ -191,9 +201,24 @@ class Session:
             self._write_upstream(b"".join(out))
         self._dispatch()
 
+    def push_internal(self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None) -> bytes:
+        """Queue a command the proxy sends on its own behalf (counted under client ``respmeter``);
+        returns its bytes, which the caller writes upstream in order (Admission.PREFIX)."""
+        info = cmdtable.lookup(args)
+        name = info.name if info is not None else cmdtable.UNKNOWN
+        e = Pending(name, PROXY_CLIENT, INTERNAL, self.clock(), None)
+        e.on_reply = on_reply
+        self.pending.append(e)
+        self.n_special += 1
+        self.stats.count_upstream(PROXY_CLIENT, name)
+        return encode_command(args)
+
     def upstream_failed(self, reason: str) -> None:
         """The upstream connection could not be made: every command gets an error, then close."""
-        msg = encode_error("ERR upstream unavailable: " + reason)
+        if reason.startswith("upstream TLS:"):
+            msg = encode_error("ERR " + reason)
+        else:
+            msg = encode_error("ERR upstream unavailable: " + reason)
         self._reject_all(msg)
 
     def _reject_all(self, msg: bytes) -> None:
@@ -238,7 +263,7 @@ class Session:
             else:
                 self._answer(err, None, None)
                 self.closing = True
-                self._maybe_close()
+        self._maybe_close()
 
     def client_closed(self) -> None:
         """The client went away: its upstream connection is closed at once."""
@@ -323,6 +348,11 @@ class Session:
                 self._write_upstream(raw[send_from:s])
             send_from = e
             kind, payload = verdict
+            if kind == Admission.PREFIX:
+                self._write_upstream(payload)
+                send_from = s  # the command itself goes with the next run
+                i += 1
+                continue
             if kind == Admission.WAIT:
                 for rest in cmds[i:]:
                     self.waiting.append((rest[0], raw[rest[1] : rest[2]]))
@@ -364,8 +394,11 @@ class Session:
                 self.held = True
                 break
             waiting.popleft()
-            if kind == -1:
+            if kind == Admission.REPLACE:
                 out.append(payload)
+            elif kind == Admission.PREFIX:
+                out.append(payload)
+                out.append(raw)
         if out:
             self._write_upstream(b"".join(out))
         self._maybe_close()
@@ -388,15 +421,18 @@ class Session:
             if kind == Admission.REPLY:
                 self.stats.count_command(client, name, outcome)
                 self._answer(payload, name, client)
+                if self.close_after_reply:
+                    self.closing = True
                 return Admission.REPLY, None
-            if kind == -1:
-                replaced = payload
+            if kind != Admission.FORWARD:
+                replaced = (kind, payload)
+            client = self.client  # the policy may have changed the identity (AUTH)
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
         if not (silent or self.multi_view or name in SPECIAL):
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
             self.pending.append((name, client, now, not (info is not None and info.blocking)))
-            return None if replaced is None else (-1, replaced)
+            return replaced
         e = Pending(name, client, UPSTREAM, now, None)
         if self.multi_view and name not in NOT_DEFERRED:
             e.deferred = True
@@ -413,9 +449,7 @@ class Session:
             self._complete(e, False, now)
         else:
             self.pending.append(e)
-        if replaced is not None:
-            return -1, replaced
-        return None
+        return replaced
 
     def _special_send(self, e: Pending, args: list[bytes]) -> None:
         name = e.name
@@ -488,8 +522,12 @@ class Session:
             run_t0 = 0.0
             run_n = 0
             run_timed = False
+            prev = 0
             for fr in frames:
                 k = fr[1]
+                if k == KIND_ERROR:
+                    self._error_reply(data, prev, fr[0])
+                prev = fr[0]
                 if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
                     name, client, t0, timed = pending.popleft()
                     if run_key is not None and t0 == run_t0 and run_key[1] == name and run_key[0] == client and (run_key[2] == "error") == (k == KIND_ERROR):
@@ -531,6 +569,8 @@ class Session:
                 self.internal_buf += seg
             else:
                 out.append(seg)
+                if fr[1] == KIND_ERROR:
+                    self._error_reply(seg, 0, len(seg))
             self._on_frame(fr, now)
             # local answers now due go right after the reply they waited for
             self._drain_head(out, now)
@@ -609,6 +649,16 @@ class Session:
                 self._complete(h, False, now)
             else:
                 return
+
+    def _error_reply(self, data: bytes, start: int, end: int) -> None:
+        """Look at an error reply: a hosted Redis saying its request quota is used up is counted."""
+        if data.startswith(b"-ERR max ", start) and (
+            data.startswith(b"requests limit exceeded", start + 9)
+            or data.startswith(b"daily request limit exceeded", start + 9)
+        ):
+            self.stats.upstream_quota_exceeded += 1
+            if self.stats.on_quota is not None:
+                self.stats.on_quota(data[start + 1 : end - 2].decode("utf-8", "replace"))
 
     def _at_head(self, h: Pending) -> None:
         """Decide a subscription command's reply shape now that the server state is known."""
