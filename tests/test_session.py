@@ -216,6 +216,9 @@ class RejectEcho:
     def __init__(self) -> None:
         self.hold = True
 
+    def init_session(self, session):  # noqa: ANN001, ANN201
+        pass
+
     def fast_admit(self, session, n):  # noqa: ANN001, ANN201
         return False
 
