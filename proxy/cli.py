@@ -20,111 +20,7 @@ from typing import Any
 from . import __version__
 from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
 
-ENV_PREFIX = "RESPMETER_"
-
-
-def _size(text: str) -> int:
-    """A byte size: 512mb, 1gb, 65536."""
-    t = text.strip().lower().replace("_", "")
-    mult = 1
-    for suffix, m in (("kb", 1024), ("mb", 1024**2), ("gb", 1024**3), ("k", 1024), ("m", 1024**2), ("g", 1024**3), ("b", 1)):
-        if t.endswith(suffix):
-            t, mult = t[: -len(suffix)], m
-            break
-    try:
-        n = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512mb)") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return v
-
-
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    flag: str
-    default: Any
-    help: str
-    type: Callable[[str], Any] = str
-    multiple: bool = False
-    boolean: bool = False  # a switch: --flag sets True; the env var takes true/false
-    choices: Sequence[str] | None = None
-    metavar: str | None = None
-    secret: bool = False  # never echoed
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.dest.upper()
-
-
-RUN_OPTIONS: list[Option] = [
-    Option("--listen", ["127.0.0.1:6380"], "where clients connect: HOST:PORT or a unix socket path, "
-           "optionally named (celery=127.0.0.1:6380); repeatable", multiple=True, metavar="[NAME=]ADDR"),
-    Option("--upstream", "redis://127.0.0.1:6379", "the Redis server: redis://, rediss:// or unix:// URL",
-           metavar="URL", secret=True),
-    Option("--admin", "127.0.0.1:9380", "admin HTTP endpoint (/metrics, /healthz)", metavar="HOST:PORT"),
-    Option("--log-level", "info", "logging level", choices=("debug", "info", "warning", "error")),
-    Option("--loop", "auto", "event loop: uvloop when installed (auto), or force one",
-           choices=("auto", "uvloop", "asyncio")),
-    Option("--connect-timeout", 5.0, "seconds to wait for an upstream connection", type=_positive_float,
-           metavar="SECONDS"),
-    Option("--shutdown-timeout", 10.0, "on SIGTERM/SIGINT, seconds to let replies in flight arrive",
-           type=_positive_float, metavar="SECONDS"),
-    Option("--max-bulk", 512 * 1024**2, "largest bulk string a client may send (Redis: proto-max-bulk-len)",
-           type=_size, metavar="SIZE"),
-    Option("--max-query-buffer", 1024**3, "largest incomplete request a client may hold "
-           "(Redis: client-query-buffer-limit)", type=_size, metavar="SIZE"),
-    Option("--client-label-limit", 100, "distinct client names kept as metric labels; the rest are 'other'",
-           type=_positive_int, metavar="N"),
-    # upstream TLS and credentials
-    Option("--upstream-ca", None, "verify a rediss:// upstream against this CA file instead of the system store",
-           metavar="FILE"),
-    Option("--upstream-cert", None, "client certificate for a rediss:// upstream that asks for one", metavar="FILE"),
-    Option("--upstream-key", None, "private key of --upstream-cert", metavar="FILE"),
-    Option("--upstream-tls-insecure", False, "do not verify the upstream's certificate (development only)",
-           boolean=True),
-    Option("--upstream-password-file", None, "file holding the upstream password (instead of putting it in the "
-           "URL; RESPMETER_UPSTREAM_PASSWORD also works)", metavar="FILE"),
-    # clients
-    Option("--users", None, "TOML file of proxy users ([users.NAME] password_hash, label); clients must then "
-           "AUTH", metavar="FILE"),
-    Option("--allow-unauthenticated", False, "allow listening beyond loopback without --users", boolean=True),
-    Option("--tls-cert", None, "serve clients over TLS with this certificate", metavar="FILE"),
-    Option("--tls-key", None, "private key of --tls-cert", metavar="FILE"),
-]
+from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool  # noqa: F401
 
 
 def _add_options(p: argparse.ArgumentParser, options: list[Option]) -> None:
@@ -143,9 +39,16 @@ def _add_options(p: argparse.ArgumentParser, options: list[Option]) -> None:
         p.add_argument(o.flag, **kw)
 
 
-def resolve(options: list[Option], ns: argparse.Namespace, env: dict[str, str], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Flag, then environment variable, then default."""
+def resolve(
+    options: list[Option],
+    ns: argparse.Namespace,
+    env: dict[str, str],
+    parser: argparse.ArgumentParser,
+    file_values: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Flag, then environment variable, then config file, then default."""
     out: dict[str, Any] = {}
+    file_values = file_values or {}
     for o in options:
         v = getattr(ns, o.dest, None)
         if v is None and o.env in env:
@@ -154,7 +57,7 @@ def resolve(options: list[Option], ns: argparse.Namespace, env: dict[str, str], 
                 if o.boolean:
                     v = _bool(raw)
                 elif o.multiple:
-                    v = [o.type(x) for x in raw.split(",") if x.strip()]
+                    v = [o.type(x.strip()) for x in raw.split(o.sep) if x.strip()]
                 else:
                     v = o.type(raw)
             except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -162,6 +65,8 @@ def resolve(options: list[Option], ns: argparse.Namespace, env: dict[str, str], 
                 parser.error(f"{o.env}={shown}: {exc}")
             if o.choices and v not in o.choices:
                 parser.error(f"{o.env}: must be one of {', '.join(o.choices)}")
+        if v is None:
+            v = file_values.get(o.dest)
         out[o.dest] = o.default if v is None else v
     return out
 
@@ -183,7 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
         "password_hash to put in a --users file.",
     )
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    cc = sub.add_parser("check-config", help="validate a config file", description="Check a TOML config "
+                        "file and print every problem with its place. Exit status 1 if there is any.")
+    cc.add_argument("file")
+    us = sub.add_parser("usage", help="today's and this month's usage against the caps",
+                        description="Print today's and this month's billable usage, per client and per command, "
+                        "with caps, remaining budget and a projection. Reads a running proxy's admin API, or "
+                        "with --state-dir the state of a stopped one.")
+    _add_source_args(us)
     return p
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin", default=os.environ.get("RESPMETER_ADMIN", "127.0.0.1:9380"),
+                   help="admin endpoint of the running proxy [env RESPMETER_ADMIN; default 127.0.0.1:9380]")
+    p.add_argument("--state-dir", default=None, help="read this state directory instead of a running proxy")
+    p.add_argument("--config", default=os.environ.get("RESPMETER_CONFIG"),
+                   help="config file, for caps and timezone when reading --state-dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,8 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if ns.command == "run":
-        opts = resolve(RUN_OPTIONS, ns, dict(os.environ), parser)
-        return run(opts, parser)
+        env = dict(os.environ)
+        config_path = ns.config or env.get("RESPMETER_CONFIG")
+        file_cfg = None
+        file_values: dict[str, Any] = {}
+        if config_path:
+            from .configfile import file_layer, load_config
+
+            file_cfg = load_config(config_path)
+            if file_cfg.problems:
+                for problem in file_cfg.problems:
+                    print(f"respmeter: {problem}", file=sys.stderr)
+                return 2
+            file_values = file_layer(file_cfg)
+        opts = resolve(RUN_OPTIONS, ns, env, parser, file_values)
+        return run(opts, parser, file_cfg)
+    if ns.command == "check-config":
+        return check_config_command(ns.file)
+    if ns.command == "usage":
+        return usage_command(ns)
     if ns.command == "hash-password":
         return hash_password_command(ns.stdin)
     parser.error(f"unknown command {ns.command}")
@@ -238,7 +177,75 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def run(opts: dict[str, Any], parser: argparse.ArgumentParser) -> int:
+def check_config_command(path: str) -> int:
+    from .configfile import load_config
+
+    cfg = load_config(path)
+    if cfg.problems:
+        for problem in cfg.problems:
+            print(problem)
+        print(f"{len(cfg.problems)} problem(s) in {path}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK ({len(cfg.values)} option(s), {len(cfg.rules)} rate limit(s), {len(cfg.users)} user(s))")
+    return 0
+
+
+def fetch_json(admin: str, path: str) -> Any:
+    import json
+    import urllib.request
+
+    host, port = parse_hostport(admin, "--admin")
+    url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}{path}"
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback admin endpoint
+        return json.load(resp)
+
+
+def offline_limits(ns: argparse.Namespace) -> Any:
+    """A read-only Limits over a stopped proxy's state directory."""
+    from .configfile import build_caps, file_layer, load_config
+    from .limits import Limits
+    from .store import Store
+
+    values: dict[str, Any] = {}
+    file_caps: dict[str, Any] = {}
+    if ns.config:
+        cfg = load_config(ns.config)
+        if cfg.problems:
+            raise ConfigError("; ".join(cfg.problems))
+        values = file_layer(cfg)
+        file_caps = cfg.caps
+    opts = {o.dest: values.get(o.dest, o.default) for o in RUN_OPTIONS}
+    import pathlib
+
+    if not (pathlib.Path(ns.state_dir) / "usage.sqlite3").exists():
+        raise ConfigError(f"--state-dir {ns.state_dir}: no usage state there")
+    return Limits(build_caps(opts, file_caps), [], Store(ns.state_dir, owner="reader"))
+
+
+def usage_command(ns: argparse.Namespace) -> int:
+    import json
+
+    try:
+        if ns.state_dir:
+            snap = offline_limits(ns).snapshot_readonly()
+        else:
+            snap = fetch_json(ns.admin, "/api/usage")
+    except ConfigError as exc:
+        print(f"respmeter: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"respmeter: cannot reach the admin endpoint {ns.admin}: {exc}", file=sys.stderr)
+        return 1
+    if ns.json:
+        print(json.dumps(snap, indent=1, sort_keys=True))
+        return 0
+    from .report import format_usage
+
+    print(format_usage(snap))
+    return 0
+
+
+def run(opts: dict[str, Any], parser: argparse.ArgumentParser, file_cfg: Any = None) -> int:
     from .loops import loop_factory
 
     logging.basicConfig(
@@ -257,8 +264,20 @@ def run(opts: dict[str, Any], parser: argparse.ArgumentParser) -> int:
     secret_filter = SecretFilter([upstream.password or ""])
     for handler in logging.getLogger().handlers:
         handler.addFilter(secret_filter)
+    try:
+        from .configfile import build_caps, parse_rate_limit_flag
+        from .limits import LimitsConfigError
+
+        caps = build_caps(opts, file_cfg.caps if file_cfg else {})
+        rules = [parse_rate_limit_flag(x) for x in opts["rate_limit"]] if opts["rate_limit"] else (
+            file_cfg.rules if file_cfg else [])
+    except LimitsConfigError as exc:
+        print(f"respmeter: {exc}", file=sys.stderr)
+        return 2
     factory, loop_name = loop_factory(opts["loop"])
     app = App(opts, listens, upstream, (admin_host, admin_port), loop_name)
+    app.caps, app.rules = caps, rules
+    app.file_users = file_cfg.users if file_cfg else {}
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(app.main())
 
@@ -345,6 +364,10 @@ class App:
         self.admin_addr = admin
         self.loop_name = loop_name
         self.log = logging.getLogger("respmeter")
+        self.caps: Any = None
+        self.rules: list = []
+        self.file_users: dict = {}
+        self.limits: Any = None
 
     @staticmethod
     def _offload(fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
@@ -358,7 +381,7 @@ class App:
 
         from .admin import AdminServer
         from .health import Health
-        from .metrics import Stats, StatsCollector
+        from .metrics import LimitsCollector, Stats, StatsCollector
         from .server import Proxy, ProxySettings, classify_connect_error
 
         opts = self.opts
@@ -375,13 +398,15 @@ class App:
                 settings.ssl_context = upstream_ssl_context(opts)
             settings.downstream_ssl = downstream_ssl_context(opts)
             verifier = None
-            if opts["users"]:
-                from .auth import AuthConfigError, Verifier, load_users_file
+            from .auth import AuthConfigError, Verifier, load_users_file
 
+            if opts["users"]:
                 try:
                     verifier = Verifier(load_users_file(opts["users"]), self._offload)
                 except AuthConfigError as exc:
                     raise ConfigError(str(exc)) from None
+            elif self.file_users:
+                verifier = Verifier(self.file_users, self._offload)
         except ConfigError as exc:
             self.log.error("%s", exc)
             return 2
@@ -406,6 +431,8 @@ class App:
             return None
 
         stats = Stats(opts["client_label_limit"])
+        registry = CollectorRegistry()
+        registry.register(StatsCollector(stats))
         health = Health(probe)
         health.traffic = lambda: stats.bytes["from_upstream"]
         stats.on_quota = health.quota_exceeded
@@ -418,18 +445,38 @@ class App:
             health.failed(f"upstream rejected the proxy's credentials: {text}")
             self.log.error("upstream rejected the proxy's credentials: %s", text)
 
+        from .limits import Limits
+        from .store import Store, default_state_dir
+
+        state_dir = opts["state_dir"] or str(default_state_dir())
+        try:
+            store = Store(state_dir)
+        except (OSError, Exception) as exc:  # sqlite3.Error too
+            self.log.error("state directory %s: %s", state_dir, exc)
+            return 2
+        if opts["track_patterns"]:
+            from .patterns import PatternTracker
+
+            stats.patterns = PatternTracker(opts["pattern_limit"])
+        limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats)
+        self.limits = limits
         gate = Gate(
             verifier=verifier,
             upstream_auth=UpstreamAuth(upstream.username, upstream.password, upstream.db),
+            limits=limits,
             call_later=lambda delay, fn: loop.call_later(delay, fn),
             on_upstream_auth_error=upstream_auth_error,
         )
-        if verifier is not None or gate.upstream_auth is not None:
-            settings.policy = gate
-        registry = CollectorRegistry()
-        registry.register(StatsCollector(stats))
+        settings.policy = gate
+        registry.register(LimitsCollector(limits))
         proxy = Proxy(settings, self.listens, stats, health)
         admin = AdminServer(registry, health)
+        from .admin import json_response
+
+        async def api_usage(query: dict[str, list[str]]) -> Any:
+            return json_response(limits.snapshot())
+
+        admin.add_route("/api/usage", api_usage)
         try:
             await proxy.start()
             await admin.start(*self.admin_addr)
@@ -455,8 +502,21 @@ class App:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+
+        async def flusher() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    limits.flush()
+                except Exception:  # noqa: BLE001 - a busy/locked state file must not stop the proxy
+                    self.log.exception("could not write usage state")
+
+        flush_task = loop.create_task(flusher())
         await stop.wait()
         await admin.close()
         await proxy.shutdown(opts["shutdown_timeout"])
+        flush_task.cancel()
+        limits.close()
+        store.close()
         self.log.info("stopped")
         return 0

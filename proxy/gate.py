@@ -63,6 +63,10 @@ class Gate:
             return False
         return self.limits is None or self.limits.fast_admit(session, n)
 
+    def fast_refund(self, session: Session, n: int) -> None:
+        if self.limits is not None:
+            self.limits.fast_refund(session, n)
+
     def admit(self, session: Session, args: list[bytes], info: Any, name: str) -> tuple[int, Any, str]:
         if self.intercept_auth or not session.authed:
             verdict = self._auth(session, args, name)

@@ -105,6 +105,8 @@ class Stats:
         self.pushes = 0
         self.unpaired_replies = 0
         self.upstream_quota_exceeded = 0
+        self.cap_rejections: dict[str, int] = {}  # window -> commands refused at the cap
+        self.patterns = None  # proxy.patterns.PatternTracker, when key patterns are tracked
         self.on_quota: Callable[[str], None] | None = None  # told the upstream's quota error text
 
     # -- hot path helpers ---------------------------------------------------------------
@@ -226,3 +228,63 @@ class StatsCollector(Collector):
         i = InfoMetricFamily("respmeter_build", "respmeter build information.")
         i.add_metric((), {"version": __version__})
         yield i
+
+
+class LimitsCollector(Collector):
+    """Exports cap usage and rate-limit counters (proxy.limits.Limits) at scrape time."""
+
+    def __init__(self, limits) -> None:  # noqa: ANN001
+        self.limits = limits
+
+    def collect(self) -> Iterator:
+        lim = self.limits
+        used = GaugeMetricFamily(
+            "respmeter_quota_used",
+            "Billable commands used in the current window (daily, monthly), for all clients "
+            "(client=\"all\") and per client identity that has its own cap.",
+            labels=("window", "client"),
+        )
+        limit = GaugeMetricFamily(
+            "respmeter_quota_limit",
+            "The cap of the window (absent when there is none).",
+            labels=("window", "client"),
+        )
+        reset = GaugeMetricFamily(
+            "respmeter_quota_reset_timestamp_seconds",
+            "When the current window resets (unix time).",
+            labels=("window",),
+        )
+        try:
+            for window in ("daily", "monthly"):
+                reset.add_metric((window,), lim.bounds[window][1])
+                cap = getattr(lim.caps, window)
+                used.add_metric((window, "all"), lim.used(window) if cap else lim.counted_total(window))
+                if cap:
+                    limit.add_metric((window, "all"), cap)
+                for client, spec in sorted(lim.caps.clients.items()):
+                    ccap = spec.get(window)
+                    if ccap:
+                        used.add_metric((window, client), lim.used(window, client))
+                        limit.add_metric((window, client), ccap)
+        except Exception:  # noqa: BLE001 - a locked state file must not break the scrape
+            pass
+        yield used
+        yield limit
+        yield reset
+        t = CounterMetricFamily(
+            "respmeter_throttled",
+            "Commands held (action=delay) or refused (action=reject) by a rate limit rule.",
+            labels=("rule", "action"),
+        )
+        for (rule, action), n in sorted(lim.throttled.items()):
+            t.add_metric((rule, action), n)
+        yield t
+        c = CounterMetricFamily(
+            "respmeter_cap_rejections",
+            "Commands refused because a cap was reached, by window.",
+            labels=("window",),
+        )
+        if lim.stats is not None:
+            for window, n in sorted(lim.stats.cap_rejections.items()):
+                c.add_metric((window,), n)
+        yield c

@@ -92,6 +92,7 @@ class Admission:
     WAIT = 2  # hold this command (and all after it) until ``resume`` is called
     REPLACE = -1  # forward ``payload`` instead of the command's bytes
     PREFIX = -2  # write ``payload`` (the proxy's own commands, see push_internal) before the command
+    INJECT_REPLY = -3  # payload = (bytes for upstream instead of the command, local reply, outcome)
 
 
 class Session:
@@ -159,6 +160,13 @@ class Session:
         self.up_ready = True
         self.auth_wait_until: float | None = None
         self.close_after_reply = False
+        # set by proxy.limits
+        self.tx_spare = 0  # cap budget kept for the EXEC/DISCARD of an open transaction
+        self.tx_doomed = False  # a queued command hit the cap: EXEC will discard
+        self.idle_until: float | None = None  # on_cap = "idle": when the held blocking command answers
+        self.hold_limit: int | None = None  # while held for a rate limit: most commands that may wait
+        self.hold_reject = b""
+        self.on_close: list[Callable[[], None]] = []
         if policy is not None:
             policy.init_session(self)
 
@@ -208,6 +216,10 @@ class Session:
         name = info.name if info is not None else cmdtable.UNKNOWN
         e = Pending(name, PROXY_CLIENT, INTERNAL, self.clock(), None)
         e.on_reply = on_reply
+        if name in SPECIAL:
+            e.args = args
+            if name in ("discard", "exec", "reset"):
+                self.multi_view = False
         self.pending.append(e)
         self.n_special += 1
         self.stats.count_upstream(PROXY_CLIENT, name)
@@ -224,9 +236,14 @@ class Session:
     def _reject_all(self, msg: bytes) -> None:
         out = []
         while self.waiting:
-            args, raw = self.waiting.popleft()
-            if not args:  # a queued protocol error
-                out.append(raw)
+            entry = self.waiting.popleft()
+            args, raw = entry[0], entry[1]
+            if not args:
+                if len(entry) == 3:  # a command refused while waiting (rate-limit queue full)
+                    self.stats.count_command(self.client, entry[2], "rejected")
+                    out.append(msg)
+                    continue
+                out.append(raw)  # a queued protocol error
                 break
             self.stats.count_command(self.client, cmdtable.command_name(args), "rejected")
             out.append(msg)
@@ -247,8 +264,14 @@ class Session:
             elif not self.waiting and self.connected and not self.held:
                 self._dispatch_batch(cmds, raw)
             else:
+                waiting = self.waiting
+                limit = self.hold_limit if self.held else None
                 for args, s, e in cmds:
-                    self.waiting.append((args, raw[s:e]))
+                    if limit is not None and len(waiting) >= limit:
+                        # a rate-limit queue is full: answer in order, keep no arguments
+                        waiting.append(([], self.hold_reject, cmdtable.command_name(args)))
+                    else:
+                        waiting.append((args, raw[s:e]))
                 self._dispatch()
         if self.parser.error is not None:
             self.stats.protocol_errors += 1
@@ -265,8 +288,14 @@ class Session:
                 self.closing = True
         self._maybe_close()
 
+    def _ended(self) -> None:
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            hook()
+
     def client_closed(self) -> None:
         """The client went away: its upstream connection is closed at once."""
+        self._ended()
         self.closed = True
         if self._close_upstream is not None:
             self._close_upstream()
@@ -308,6 +337,7 @@ class Session:
             append = self.pending.append
             lookup = cmdtable.lookup
             upstream = self.stats.upstream
+            tracker = self.stats.patterns
             run_name = None
             run_n = 0
             for args, _s, _e in cmds:
@@ -321,6 +351,8 @@ class Session:
                         break
                     timed = not info.blocking
                 append((name, client, now, timed))
+                if tracker is not None:
+                    tracker.add(client, name, tracker.pattern(name, info, args))
                 if name is run_name:
                     run_n += 1
                 else:
@@ -336,6 +368,8 @@ class Session:
             if start == len(cmds):
                 self._write_upstream(raw)
                 return
+            if self.policy is not None:
+                self.policy.fast_refund(self, len(cmds) - start)
         send_from = cmds[start][1]  # start of the run of forwarded bytes not yet written
         i = start
         for args, s, e in cmds[start:]:
@@ -374,7 +408,13 @@ class Session:
         out: list[bytes] = []
         waiting = self.waiting
         while waiting:
-            args, raw = waiting[0]
+            entry = waiting[0]
+            args, raw = entry[0], entry[1]
+            if not args and len(entry) == 3:  # refused while waiting (rate-limit queue full)
+                waiting.popleft()
+                self.stats.count_command(self.client, entry[2], "rejected")
+                self._answer(raw, entry[2], self.client)
+                continue
             if not args:  # a queued protocol error: answer it, then close
                 waiting.popleft()
                 if out:
@@ -424,9 +464,17 @@ class Session:
                 if self.close_after_reply:
                     self.closing = True
                 return Admission.REPLY, None
+            if kind == Admission.INJECT_REPLY:
+                upstream_bytes, reply, outcome = payload
+                self.stats.count_command(client, name, outcome)
+                self._answer(reply, name, client)
+                return Admission.REPLACE, upstream_bytes
             if kind != Admission.FORWARD:
                 replaced = (kind, payload)
             client = self.client  # the policy may have changed the identity (AUTH)
+        tracker = self.stats.patterns
+        if tracker is not None:
+            tracker.add(client, name, tracker.pattern(name, info, args))
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
         if not (silent or self.multi_view or name in SPECIAL):
             # the common case: a plain entry
@@ -764,6 +812,8 @@ class Session:
 
     def _complete_internal(self, e: Pending, error: bool) -> None:
         data, self.internal_buf = self.internal_buf, b""
+        if e.args is not None:
+            self._special_reply(e, error, KIND_ERROR if error else 0)
         if e.on_reply is not None:
             e.on_reply(error, data)
 
@@ -772,6 +822,7 @@ class Session:
         already received has been passed on)."""
         self.connected = False
         self._abandon()
+        self._ended()
         self.closing = True
         if self._close_upstream is not None:
             self._close_upstream()
@@ -791,6 +842,7 @@ class Session:
 
     def _maybe_close(self) -> None:
         if self.closing and not self.pending and not self.closed and not self.held:
+            self._ended()
             self.closed = True
             if self._close_upstream is not None:
                 self._close_upstream()

@@ -1,0 +1,138 @@
+"""The options of ``respmeter run``: one table that the CLI, the environment and the config file
+all read, so a setting has one name everywhere (``--foo-bar``, ``RESPMETER_FOO_BAR``, ``foo_bar``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ENV_PREFIX = "RESPMETER_"
+
+
+def _size(text: str) -> int:
+    """A byte size: 512mb, 1gb, 65536."""
+    t = text.strip().lower().replace("_", "")
+    mult = 1
+    for suffix, m in (("kb", 1024), ("mb", 1024**2), ("gb", 1024**3), ("k", 1024), ("m", 1024**2), ("g", 1024**3), ("b", 1)):
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], m
+            break
+    try:
+        n = int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512mb)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    flag: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    multiple: bool = False
+    boolean: bool = False  # a switch: --flag sets True; the env var takes true/false
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    secret: bool = False  # never echoed
+    sep: str = ","  # separator of a repeatable option's values in its environment variable
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+RUN_OPTIONS: list[Option] = [
+    Option("--listen", ["127.0.0.1:6380"], "where clients connect: HOST:PORT or a unix socket path, "
+           "optionally named (celery=127.0.0.1:6380); repeatable", multiple=True, metavar="[NAME=]ADDR"),
+    Option("--upstream", "redis://127.0.0.1:6379", "the Redis server: redis://, rediss:// or unix:// URL",
+           metavar="URL", secret=True),
+    Option("--admin", "127.0.0.1:9380", "admin HTTP endpoint (/metrics, /healthz)", metavar="HOST:PORT"),
+    Option("--log-level", "info", "logging level", choices=("debug", "info", "warning", "error")),
+    Option("--loop", "auto", "event loop: uvloop when installed (auto), or force one",
+           choices=("auto", "uvloop", "asyncio")),
+    Option("--connect-timeout", 5.0, "seconds to wait for an upstream connection", type=_positive_float,
+           metavar="SECONDS"),
+    Option("--shutdown-timeout", 10.0, "on SIGTERM/SIGINT, seconds to let replies in flight arrive",
+           type=_positive_float, metavar="SECONDS"),
+    Option("--max-bulk", 512 * 1024**2, "largest bulk string a client may send (Redis: proto-max-bulk-len)",
+           type=_size, metavar="SIZE"),
+    Option("--max-query-buffer", 1024**3, "largest incomplete request a client may hold "
+           "(Redis: client-query-buffer-limit)", type=_size, metavar="SIZE"),
+    Option("--client-label-limit", 100, "distinct client names kept as metric labels; the rest are 'other'",
+           type=_positive_int, metavar="N"),
+    # upstream TLS and credentials
+    Option("--upstream-ca", None, "verify a rediss:// upstream against this CA file instead of the system store",
+           metavar="FILE"),
+    Option("--upstream-cert", None, "client certificate for a rediss:// upstream that asks for one", metavar="FILE"),
+    Option("--upstream-key", None, "private key of --upstream-cert", metavar="FILE"),
+    Option("--upstream-tls-insecure", False, "do not verify the upstream's certificate (development only)",
+           boolean=True),
+    Option("--upstream-password-file", None, "file holding the upstream password (instead of putting it in the "
+           "URL; RESPMETER_UPSTREAM_PASSWORD also works)", metavar="FILE"),
+    # clients
+    Option("--users", None, "TOML file of proxy users ([users.NAME] password_hash, label); clients must then "
+           "AUTH", metavar="FILE"),
+    Option("--allow-unauthenticated", False, "allow listening beyond loopback without --users", boolean=True),
+    Option("--tls-cert", None, "serve clients over TLS with this certificate", metavar="FILE"),
+    Option("--tls-key", None, "private key of --tls-cert", metavar="FILE"),
+    # state, caps and limits
+    Option("--config", None, "TOML config file (see README); flags and env vars override it", metavar="FILE"),
+    Option("--state-dir", None, "where usage state (SQLite) lives [default: $XDG_STATE_HOME/respmeter or "
+           "~/.local/state/respmeter]", metavar="DIR"),
+    Option("--daily-cap", None, "hard cap on upstream (billable) commands per day, all clients", type=_positive_int,
+           metavar="N"),
+    Option("--monthly-cap", None, "hard cap on upstream commands per calendar month, all clients",
+           type=_positive_int, metavar="N"),
+    Option("--client-cap", [], "a per-client cap: IDENTITY:daily=N or IDENTITY:monthly=N; repeatable",
+           type=str, multiple=True, metavar="ID:WINDOW=N"),
+    Option("--cap-timezone", "UTC", "timezone in which days and months start (IANA name)", metavar="TZ"),
+    Option("--on-cap", "error", "blocking pops at the cap: answer an error, or idle for their timeout and "
+           "answer empty", choices=("error", "idle")),
+    Option("--rate-limit", [], "a rate limit: name=N,rate=10/s[,burst=B][,client=GLOB][,command=GLOB]"
+           "[,action=delay|reject][,max_queue=N]; repeatable (env: separated by ';')", multiple=True,
+           metavar="SPEC", sep=";"),
+    Option("--track-patterns", True, "count commands per key pattern (for `respmeter report`)", type=_bool,
+           metavar="BOOL"),
+    Option("--pattern-limit", 1000, "distinct key patterns kept; the rest count as 'other'", type=_positive_int,
+           metavar="N"),
+]
+
+
