@@ -381,7 +381,7 @@ class App:
 
         from .admin import AdminServer
         from .health import Health
-        from .metrics import LimitsCollector, Stats, StatsCollector
+        from .metrics import HealthCollector, LimitsCollector, Stats, StatsCollector
         from .server import Proxy, ProxySettings, classify_connect_error
 
         opts = self.opts
@@ -436,6 +436,7 @@ class App:
         health = Health(probe)
         health.traffic = lambda: stats.bytes["from_upstream"]
         stats.on_quota = health.quota_exceeded
+        registry.register(HealthCollector(health))
 
         from .auth import UpstreamAuth
         from .gate import Gate

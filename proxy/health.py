@@ -54,6 +54,10 @@ class Health:
                 self.last_reply = self.clock()
         return max(self.ok_at, self.last_reply)
 
+    def failing(self) -> bool:
+        """The latest evidence is a failure (no probe)."""
+        return self.fail_at > self._latest_ok()
+
     async def check(self) -> tuple[bool, str]:
         """(healthy, reason). Probes by connecting only when the evidence is stale."""
         now = self.clock()

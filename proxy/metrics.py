@@ -288,3 +288,18 @@ class LimitsCollector(Collector):
             for window, n in sorted(lim.stats.cap_rejections.items()):
                 c.add_metric((window,), n)
         yield c
+
+
+class HealthCollector(Collector):
+    """respmeter_upstream_up from the health evidence (never probes, never sends a command)."""
+
+    def __init__(self, health) -> None:  # noqa: ANN001
+        self.health = health
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily(
+            "respmeter_upstream_up",
+            "1 when the latest evidence (connects, replies, probes) says the upstream is reachable, "
+            "0 after a failure (connection refused, TLS error, credentials rejected, ...).",
+            value=0 if self.health.failing() else 1,
+        )
