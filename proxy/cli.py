@@ -140,6 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1d' or plain seconds -> seconds."""
+    t = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        v = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h, 1d)") from None
+    if v <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return v
+
+
 def hash_password_command(from_stdin: bool) -> int:
     from .auth import hash_password
 
@@ -443,7 +456,7 @@ class App:
 
         def upstream_auth_error(text: str) -> None:
             stats.upstream_error("auth")
-            health.failed(f"upstream rejected the proxy's credentials: {text}")
+            health.auth_failed(f"upstream rejected the proxy's credentials: {text}")
             self.log.error("upstream rejected the proxy's credentials: %s", text)
 
         from .limits import Limits
@@ -467,6 +480,7 @@ class App:
             limits=limits,
             call_later=lambda delay, fn: loop.call_later(delay, fn),
             on_upstream_auth_error=upstream_auth_error,
+            on_upstream_auth_ok=health.auth_ok,
         )
         settings.policy = gate
         registry.register(LimitsCollector(limits))
@@ -478,6 +492,17 @@ class App:
             return json_response(limits.snapshot())
 
         admin.add_route("/api/usage", api_usage)
+
+        async def api_patterns(query: dict[str, list[str]]) -> Any:
+            from .explain import live_traffic
+
+            try:
+                window = parse_duration(query.get("window", ["10m"])[0])
+            except ValueError as exc:
+                return json_response({"error": str(exc)}, 400)
+            return json_response(live_traffic(stats, limits, window))
+
+        admin.add_route("/api/traffic", api_patterns)
         try:
             await proxy.start()
             await admin.start(*self.admin_addr)

@@ -40,6 +40,7 @@ class Gate:
         call_later: Callable[[float, Callable[[], None]], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_upstream_auth_error: Callable[[str], None] | None = None,
+        on_upstream_auth_ok: Callable[[], None] | None = None,
     ) -> None:
         self.verifier = verifier
         self.upstream_auth = upstream_auth if upstream_auth is not None and upstream_auth.active else None
@@ -48,6 +49,7 @@ class Gate:
         self.call_later = call_later
         self.clock = clock
         self.on_upstream_auth_error = on_upstream_auth_error
+        self.on_upstream_auth_ok = on_upstream_auth_ok
         # answer a client's AUTH locally (never forward its credentials)?
         self.intercept_auth = verifier is not None or self.upstream_auth is not None
 
@@ -74,6 +76,7 @@ class Gate:
                 return verdict
         if name == "reset" and not session.up_ready and self.upstream_auth is not None:
             # nothing was sent upstream yet: a local RESET is exact
+            self._after_reset(session, name)
             return Admission.REPLY, b"+RESET\r\n", "local"
         hello_args = None
         if name == "hello" and self.intercept_auth:
@@ -94,6 +97,7 @@ class Gate:
             session.up_ready = True
             assert hello_args is not None and self.upstream_auth is not None
             new = hello_args[:2] + self.upstream_auth.hello_auth() + hello_args[2:]
+            session.hello_auth_check = self._handshake_reply
             self._after_reset(session, name)
             return Admission.REPLACE, encode_command(new), ""
         prefix = b""
@@ -108,9 +112,15 @@ class Gate:
         return FORWARD
 
     def _after_reset(self, session: Session, name: str) -> None:
-        # RESET de-authenticates the upstream connection: authenticate again before the next command
-        if name == "reset" and self.upstream_auth is not None:
+        if name != "reset":
+            return
+        # RESET de-authenticates the connection, as on Redis: the upstream one is authenticated
+        # again before the next command, and a proxy user must AUTH again.
+        if self.upstream_auth is not None:
             session.up_ready = False
+        if self.verifier is not None:
+            session.authed = False
+            session.set_user(None)
 
     # -- authentication ----------------------------------------------------------------------------
     def _auth(self, session: Session, args: list[bytes], name: str) -> tuple[int, Any, str] | None:
@@ -162,6 +172,9 @@ class Gate:
                     self.call_later(delay, session.resume)
                     return Admission.WAIT, None, ""
             elif now < session.auth_wait_until:
+                # a timer may fire a little early (loop clocks are coarse): arm it again
+                if self.call_later is not None:
+                    self.call_later(session.auth_wait_until - now + 0.001, session.resume)
                 return Admission.WAIT, None, ""
             session.auth_wait_until = None
             self.throttle.failed(addr)
@@ -174,8 +187,12 @@ class Gate:
         return (Admission.REPLY, ok_reply, "local") if ok_reply is not None else None
 
     def _handshake_reply(self, error: bool, data: bytes) -> None:
-        if error and self.on_upstream_auth_error is not None:
-            self.on_upstream_auth_error(data[1:].strip().decode("utf-8", "replace"))
+        if error:
+            if self.on_upstream_auth_error is not None:
+                text = data[1:].strip().decode("utf-8", "replace") or "the upstream refused HELLO AUTH"
+                self.on_upstream_auth_error(text)
+        elif self.on_upstream_auth_ok is not None:
+            self.on_upstream_auth_ok()
 
 
 def _host(peer: str) -> str:

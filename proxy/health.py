@@ -33,6 +33,7 @@ class Health:
         self.quota_window = 60.0  # unhealthy this long after the upstream's last quota error
         self.quota_reason = ""
         self._probing: asyncio.Future | None = None
+        self.auth_reason = ""
 
     def ok(self) -> None:
         self.ok_at = self.clock()
@@ -54,9 +55,18 @@ class Health:
                 self.last_reply = self.clock()
         return max(self.ok_at, self.last_reply)
 
+    def auth_failed(self, reason: str) -> None:
+        """The upstream rejected the proxy's credentials: unhealthy until a handshake succeeds
+        (replies that follow, such as NOAUTH errors, are no evidence of health)."""
+        self.auth_reason = reason
+        self.failed(reason)
+
+    def auth_ok(self) -> None:
+        self.auth_reason = ""
+
     def failing(self) -> bool:
         """The latest evidence is a failure (no probe)."""
-        return self.fail_at > self._latest_ok()
+        return bool(self.auth_reason) or self.fail_at > self._latest_ok()
 
     async def check(self) -> tuple[bool, str]:
         """(healthy, reason). Probes by connecting only when the evidence is stale."""
@@ -69,6 +79,8 @@ class Health:
             finally:
                 if self._probing is not None and self._probing.done():
                     self._probing = None
+        if self.auth_reason:
+            return False, self.auth_reason
         if self.fail_at > self._latest_ok():
             return False, "upstream unreachable: " + self.reason
         if self.clock() - self.quota_exceeded_at < self.quota_window:

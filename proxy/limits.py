@@ -354,6 +354,8 @@ class Limits:
                         self.call_later(max(0.0, wait), session.resume)
                     return Admission.WAIT, None, ""
                 if now < session.idle_until:
+                    if self.call_later is not None:  # the timer fired a little early: again
+                        self.call_later(session.idle_until - now + 0.001, session.resume)
                     return Admission.WAIT, None, ""
                 session.idle_until = None
                 empty = b"_\r\n" if session.protocol == 3 else BLOCKING[name][1]

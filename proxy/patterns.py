@@ -26,7 +26,7 @@ _HEX = re.compile(rb"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{8,}(?![0-9
 _DIGITS = re.compile(rb"[0-9]+")
 _STARS = re.compile(rb"\*+")
 MAX_KEY = 200
-MULTI_KEY = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "blmpop", "bzmpop"})
+MULTI_KEY = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "blmpop", "bzmpop"})  # + " timeout=N"
 # Channels count as the "key" of pub/sub commands: where the traffic goes
 CHANNEL_FIRST = frozenset({"publish", "spublish"})
 
@@ -63,12 +63,24 @@ class PatternTracker:
         self._flushed: dict[tuple[str, str, str], tuple[int, float]] = {}  # key -> (n flushed, first seen)
 
     def pattern(self, name: str, info: Any, args: list[bytes]) -> str:
-        if info is None or len(args) < 2:
+        if info is None:
+            # not in the command table: its name (and a container's subcommand) is what to show,
+            # never its arguments, which may be data or secrets
+            if not args:
+                return NOKEY
+            parent = cmdtable.lookup(args[:1])
+            shown = args[:2] if parent is not None and parent.subcommands and len(args) > 1 else args[:1]
+            pat = self._fold(b" ".join(a[:32] for a in shown)).upper()
+        elif len(args) < 2:
             return NOKEY
-        if name in MULTI_KEY:
+        elif name in MULTI_KEY:
             idx = cmdtable.key_indices(info, args)
             pats = sorted({self._fold(args[i]) for i in idx})
             pat = " ".join(pats[:4]) + (" …" if len(pats) > 4 else "")
+            timeout = args[1] if name in ("blmpop", "bzmpop") else args[-1]
+            pat += " timeout=" + timeout[:12].decode("ascii", "replace")
+        elif name == "ping":
+            pat = self._fold(args[1])
         elif name in CHANNEL_FIRST:
             pat = self._fold(args[1])
         elif info.first_key == 1:

@@ -261,11 +261,25 @@ class UpstreamConnection(asyncio.Protocol):
         if exc is None:
             reason = "upstream closed the connection"
             c.proxy.stats.upstream_error("eof")
+        elif isinstance(exc, ssl.SSLError):
+            # e.g. TLS 1.3: a required client certificate is refused just after the handshake
+            reason = f"upstream TLS: {exc.reason or exc}"
+            c.proxy.stats.upstream_error("tls")
+            c.proxy.health.failed(reason)
         else:
             reason = f"upstream connection lost: {exc}"
             c.proxy.stats.upstream_error("reset")
             c.proxy.health.failed(reason)
         log.debug("client %s: %s", session.peer, reason)
+        if not session.got_reply and exc is None and c.proxy.settings.ssl_context is not None:
+            reason = "upstream TLS: the server closed the connection after the handshake (a client certificate it requires?)"
+        if not session.got_reply:
+            # it broke before saying anything: the commands sent get a clear error, not a bare close
+            session.upstream_failed(reason)
+            if session.fail_msg is None:
+                return
+            c.upstream = None
+            return
         session.upstream_lost(reason)
 
     def pause_writing(self) -> None:  # upstream is slow to take our writes

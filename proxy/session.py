@@ -167,6 +167,10 @@ class Session:
         self.hold_limit: int | None = None  # while held for a rate limit: most commands that may wait
         self.hold_reject = b""
         self.on_close: list[Callable[[], None]] = []
+        self.hello_auth_check: Callable[[bool, bytes], None] | None = None  # HELLO carrying the proxy's AUTH
+        self.fail_msg: bytes | None = None  # the upstream failed before the client said anything
+        self.got_reply = False  # the upstream has sent something on this connection
+        self._err_tail = b""  # start of an error reply split across reads
         if policy is not None:
             policy.init_session(self)
 
@@ -226,15 +230,34 @@ class Session:
         return encode_command(args)
 
     def upstream_failed(self, reason: str) -> None:
-        """The upstream connection could not be made: every command gets an error, then close."""
+        """The upstream connection could not be made (or broke before its first reply): every command
+        gets an error, in order, then the connection closes. A client that has not sent anything yet
+        gets the error for its first command."""
         if reason.startswith("upstream TLS:"):
             msg = encode_error("ERR " + reason)
         else:
             msg = encode_error("ERR upstream unavailable: " + reason)
+        self.connected = False
+        self._send_upstream = None
+        if not self.waiting and not self.pending:
+            self.fail_msg = msg
+            return
         self._reject_all(msg)
 
     def _reject_all(self, msg: bytes) -> None:
         out = []
+        for e in self.pending:  # forwarded, never answered
+            if type(e) is tuple:
+                self.stats.count_command(e[1], e[0], "error")
+                out.append(msg)
+            elif e.kind == LOCAL:
+                out.append(e.reply)  # type: ignore[arg-type]
+            elif e.kind == UPSTREAM:
+                self.stats.count_command(e.client, e.name, "error")
+                if e.expect != 0:
+                    out.append(msg)
+        self.pending.clear()
+        self.n_special = 0
         while self.waiting:
             entry = self.waiting.popleft()
             args, raw = entry[0], entry[1]
@@ -258,6 +281,12 @@ class Session:
             return
         self.stats.bytes["from_client"] += len(data)
         cmds, raw = self.parser.feed(data)
+        if self.fail_msg is not None:
+            for args, _s, _e in cmds:
+                self.waiting.append((args, b""))
+            if self.waiting or self.parser.error is not None:
+                self._reject_all(self.fail_msg)
+            return
         if cmds:
             if self.monitor:
                 self._passthrough_commands(cmds, raw)
@@ -546,11 +575,13 @@ class Session:
     def upstream_data(self, data: bytes) -> None:
         if self.closed:
             return
+        self.got_reply = True
         self.stats.bytes["from_upstream"] += len(data)
         if self.monitor:
             self.stats.pushes += data.count(b"\r\n")
             self._write_client(data)
             return
+        was_in_frame = self.framer.in_frame
         try:
             frames = self.framer.feed(data)
         except ProtocolError as exc:
@@ -558,6 +589,7 @@ class Session:
             self.upstream_lost("protocol error from upstream: %s" % exc)
             return
         now = self.clock()
+        errors = False
         if self.n_special == 0 and not self.internal_buf:
             # Fast path: every byte goes to the client as it came.
             self._write_client(data)
@@ -570,13 +602,11 @@ class Session:
             run_t0 = 0.0
             run_n = 0
             run_timed = False
-            prev = 0
             for fr in frames:
                 k = fr[1]
-                if k == KIND_ERROR:
-                    self._error_reply(data, prev, fr[0])
-                prev = fr[0]
                 if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
+                    if k:
+                        errors = True
                     name, client, t0, timed = pending.popleft()
                     if run_key is not None and t0 == run_t0 and run_key[1] == name and run_key[0] == client and (run_key[2] == "error") == (k == KIND_ERROR):
                         run_n += 1
@@ -590,6 +620,8 @@ class Session:
                     run_n = 1
                     run_timed = timed
                     continue
+                if k == KIND_ERROR:
+                    errors = True
                 if run_key is not None:
                     counts[run_key] = counts.get(run_key, 0) + run_n
                     if run_timed:
@@ -604,37 +636,57 @@ class Session:
                     stats.observe_latency(run_key[1], now - run_t0, run_n)
             if pending and type(pending[0]) is Pending and pending[0].expect == 0:
                 self._drain_head(None, now)
-            self._maybe_close()
-            return
-        out: list[bytes] = []
-        start = 0
-        for fr in frames:
-            head = self.pending[0] if self.pending else None
-            internal = type(head) is Pending and head.kind == INTERNAL and fr[1] != KIND_PUSH
-            seg = data[start : fr[0]]
-            start = fr[0]
-            if internal:
-                self.internal_buf += seg
-            else:
-                out.append(seg)
-                if fr[1] == KIND_ERROR:
-                    self._error_reply(seg, 0, len(seg))
-            self._on_frame(fr, now)
-            # local answers now due go right after the reply they waited for
-            self._drain_head(out, now)
-            if self.monitor:
-                out.append(data[start:])
-                start = len(data)
-                break
-        if start < len(data):
-            head = self.pending[0] if self.pending else None
-            if type(head) is Pending and head.kind == INTERNAL:
-                self.internal_buf += data[start:]
-            else:
-                out.append(data[start:])
-        if out:
-            self._write_client(b"".join(out))
+        else:
+            out: list[bytes] = []
+            start = 0
+            for fr in frames:
+                head = self.pending[0] if self.pending else None
+                internal = type(head) is Pending and head.kind == INTERNAL and fr[1] != KIND_PUSH
+                seg = data[start : fr[0]]
+                start = fr[0]
+                if internal:
+                    self.internal_buf += seg
+                else:
+                    out.append(seg)
+                    if fr[1] == KIND_ERROR:
+                        errors = True
+                self._on_frame(fr, now)
+                # local answers now due go right after the reply they waited for
+                self._drain_head(out, now)
+                if self.monitor:
+                    out.append(data[start:])
+                    start = len(data)
+                    break
+            if start < len(data):
+                head = self.pending[0] if self.pending else None
+                if type(head) is Pending and head.kind == INTERNAL:
+                    self.internal_buf += data[start:]
+                else:
+                    out.append(data[start:])
+            if out:
+                self._write_client(b"".join(out))
+        if errors or self._err_tail or (self.framer.in_frame and b"-" in data):
+            self._scan_errors(data, frames, was_in_frame)
         self._maybe_close()
+
+    def _scan_errors(self, data: bytes, frames: list, was_in_frame: bool) -> None:
+        """Look at the error replies of this read, including one that began in an earlier read."""
+        prev = 0
+        for i, fr in enumerate(frames):
+            if fr[1] == KIND_ERROR:
+                if i == 0 and was_in_frame:
+                    if self._err_tail:
+                        joined = self._err_tail + data[: fr[0]]
+                        self._error_reply(joined, 0, len(joined))
+                else:
+                    self._error_reply(data, prev, fr[0])
+            prev = fr[0]
+        if not self.framer.in_frame:
+            self._err_tail = b""
+        elif frames or not was_in_frame:  # a new frame starts at ``prev`` in this read
+            self._err_tail = data[prev : prev + 200] if data[prev : prev + 1] == b"-" else b""
+        elif self._err_tail:
+            self._err_tail = (self._err_tail + data)[:200]
 
     def _on_frame(self, fr: Any, now: float) -> None:
         pending = self.pending
@@ -775,9 +827,12 @@ class Session:
         elif name == "discard":
             self.tx_queued.clear()
             self.in_multi = False
-        elif error or self.in_multi:
+        if name == "hello" and self.hello_auth_check is not None:
+            check, self.hello_auth_check = self.hello_auth_check, None
+            check(error, b"-WRONGPASS or NOAUTH in reply to HELLO AUTH\r\n" if error else b"")
+        if error or self.in_multi or name in ("multi", "exec", "discard"):
             return
-        elif name == "hello":
+        if name == "hello":
             if len(args) >= 2:
                 try:
                     self.protocol = int(args[1])

@@ -187,6 +187,17 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def eventually(check, timeout: float = 5.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+    """Call ``check`` until it returns a true value (returned) or ``timeout`` passes (then its last
+    false value is returned, for the caller's assert to show)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def wait_for_port(host: str, port: int, timeout: float = 5.0) -> None:
     """Wait until ``host:port`` accepts TCP connections or raise TimeoutError."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: redis-benchmark directly, through respmeter, and through twemproxy.
+
+Starts its own processes, all on free loopback ports, and stops them on exit, Ctrl-C or SIGTERM:
+
+* a ``redis-server`` (``--save '' --appendonly no``);
+* the proxy from this repo (``python -m proxy run``, same interpreter as this script unless
+  ``--python``), in front of it;
+* when ``nutcracker`` (twemproxy) is on PATH, a twemproxy in front of the same redis-server, with a
+  one-server pool (config written to a temp dir, stats port on loopback).
+
+Then for each shape (``-c 50``, ``-c 50 -P 16``, ``-c 1``) it runs ``redis-benchmark -t set,get``
+against each target, interleaved (direct, proxy, twem, direct, proxy, twem, ...) for ``--rounds``
+rounds so machine noise hits all targets alike, and reports the median requests/second per target and
+the ratios to direct.
+
+``-n``: unless ``--n`` is given, a short calibration run per shape and target picks the request
+count so that each run (SET + GET) takes about ``--seconds`` (3 s; 1 s with ``--quick``).
+
+    python bench/proxy_bench.py                    # 3 shapes x 3 rounds, ~2 minutes
+    python bench/proxy_bench.py --quick            # 1 round, ~1 s runs
+    python bench/proxy_bench.py --json out.json --min-ratio 0.3
+    python bench/proxy_bench.py --extra-proxy-args="--loop asyncio"
+
+Exit status: 0; 1 when ``--min-ratio`` is given and some proxy/direct ratio is below it; 2 when the
+benchmark could not run; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FORBIDDEN_PORTS = {6379}  # the machine's own Redis: never started on, never connected to
+
+# name, extra redis-benchmark args, request count used for the calibration run
+SHAPES = [
+    ("c50", ["-c", "50"], 20_000),
+    ("c50-P16", ["-c", "50", "-P", "16"], 100_000),
+    ("c1", ["-c", "1"], 4_000),
+]
+TESTS = ["SET", "GET"]
+TARGET_NAMES = ["direct", "proxy", "twem"]
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------------------------
+class Procs:
+    """Every child this script starts; all are stopped on exit, Ctrl-C or SIGTERM."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
+        with open(log, "wb") as fh:
+            # own session: a terminal Ctrl-C reaches only this script, which stops the children
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                 start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(5)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in reversed(list(self.procs)):
+            self.stop(p)
+
+
+def free_port() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in FORBIDDEN_PORTS:
+            return port
+    raise RuntimeError("no free loopback port")
+
+
+def wait_ping(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 15.0) -> None:
+    """Until PING on 127.0.0.1:port answers +PONG (bounded)."""
+    assert port not in FORBIDDEN_PORTS
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise RuntimeError(f"{what} exited with status {proc.returncode}:\n{tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                data = s.recv(64)
+                if data.startswith(b"+PONG"):
+                    return
+                last = data.decode(errors="replace").strip()
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} on port {port} not ready after {timeout:g}s ({last})")
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "?"
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------------------------
+def start_redis(procs: Procs, work: Path, server: str) -> int:
+    port = free_port()
+    log = work / "redis.log"
+    p = procs.start([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", str(work), "--daemonize", "no", "--protected-mode", "yes"], log)
+    wait_ping(port, p, "redis-server", log)
+    return port
+
+
+def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: list[str],
+                proxy_dir: Path) -> tuple[int, int]:
+    port, admin = free_port(), free_port()
+    log = work / "proxy.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = procs.start([python, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
+                     "--upstream", f"redis://127.0.0.1:{redis_port}", "--admin", f"127.0.0.1:{admin}",
+                     "--log-level", "warning", *extra], log, cwd=str(proxy_dir), env=env)
+    wait_ping(port, p, "proxy", log)
+    return port, admin
+
+
+def start_twem(procs: Procs, work: Path, binary: str, redis_port: int, server_connections: int,
+               mbuf: int | None) -> int:
+    port, stats = free_port(), free_port()
+    conf = work / "nutcracker.yml"
+    # one pool, one server: key hashing is moot, but the pool must name a hash and distribution.
+    # server_connections 1 (twemproxy's default) multiplexes every client onto one upstream
+    # connection, which pipelines requests to redis and gives twemproxy its best numbers here.
+    conf.write_text(
+        "bench:\n"
+        f"  listen: 127.0.0.1:{port}\n"
+        "  redis: true\n"
+        "  hash: fnv1a_64\n"
+        "  distribution: ketama\n"
+        "  preconnect: true\n"
+        "  auto_eject_hosts: false\n"
+        "  backlog: 1024\n"
+        f"  server_connections: {server_connections}\n"
+        "  servers:\n"
+        f"    - 127.0.0.1:{redis_port}:1\n"
+    )
+    log = work / "nutcracker.log"
+    check = subprocess.run([binary, "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    if check.returncode != 0:
+        raise RuntimeError(f"nutcracker rejects its config: {(check.stdout + check.stderr).strip()}")
+    argv = [binary, "-c", str(conf), "-s", str(stats), "-a", "127.0.0.1", "-v", "4", "-o", str(log)]
+    if mbuf:
+        argv += ["-m", str(mbuf)]
+    p = procs.start(argv, work / "nutcracker.stdout")
+    wait_ping(port, p, "nutcracker", log)
+    return port
+
+
+# --------------------------------------------------------------------------------------------
+# redis-benchmark
+# --------------------------------------------------------------------------------------------
+def run_benchmark(procs: Procs, rb: str, port: int, shape_args: list[str], n: int, work: Path,
+                  timeout: float) -> tuple[dict[str, float], float]:
+    """One redis-benchmark run (SET then GET); returns ({test: rps}, wall seconds)."""
+    assert port not in FORBIDDEN_PORTS
+    argv = [rb, "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-q", "--csv", "-n", str(n), *shape_args]
+    out_path = work / "redis-benchmark.out"
+    t0 = time.monotonic()
+    p = procs.start(argv, out_path)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        procs.stop(p)
+        raise RuntimeError(f"redis-benchmark on port {port} still running after {timeout:g}s: {shlex.join(argv)}")
+    procs.stop(p)
+    wall = time.monotonic() - t0
+    text = out_path.read_text(errors="replace")
+    rps: dict[str, float] = {}
+    for line in text.splitlines():
+        cells = [c.strip().strip('"') for c in line.split(",")]
+        if len(cells) >= 2 and cells[0] in TESTS:
+            with contextlib.suppress(ValueError):
+                rps[cells[0]] = float(cells[1])
+    if p.returncode != 0 or set(rps) != set(TESTS):
+        raise RuntimeError(f"redis-benchmark failed (exit {p.returncode}) on port {port}: {text.strip()[-800:]}")
+    return rps, wall
+
+
+def proxy_counted(admin: int) -> int | None:
+    """Upstream commands the proxy counted (from its /metrics), as a sanity check."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("respmeter_upstream_commands_total{"):
+            with contextlib.suppress(ValueError):
+                total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+# --------------------------------------------------------------------------------------------
+def fmt_rps(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def print_table(rows: list[dict], out) -> None:
+    head = ["shape", "test", "direct rps", "proxy rps", "proxy/direct", "twemproxy rps", "twem/direct"]
+    body = [[r["shape"], r["test"], fmt_rps(r["direct"]), fmt_rps(r["proxy"]), fmt_ratio(r["proxy_ratio"]),
+             fmt_rps(r["twem"]), fmt_ratio(r["twem_ratio"])] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    for i, line in enumerate([head, *body]):
+        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape; the median is reported [3; 1 with --quick]")
+    ap.add_argument("--n", type=int, default=None, help="fixed -n for every run (skips calibration)")
+    ap.add_argument("--seconds", type=float, default=None, help="calibrated duration of one run, SET+GET [3; 1 with --quick]")
+    ap.add_argument("--quick", action="store_true", help="short run: 1 round of ~1 s runs")
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
+                    help="comma-separated subset of %(default)s")
+    ap.add_argument("--extra-proxy-args", default="",
+                    help='extra arguments for `python -m proxy run`, one string: --extra-proxy-args="--loop asyncio"')
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs the proxy [%(default)s]")
+    ap.add_argument("--proxy-dir", type=Path, default=REPO,
+                    help="directory holding the `proxy` package to run, e.g. a `git archive` snapshot [this repo]")
+    ap.add_argument("--no-twem", action="store_true", help="skip twemproxy even when nutcracker is installed")
+    ap.add_argument("--twem-server-connections", type=int, default=1, help="twemproxy server_connections [%(default)s]")
+    ap.add_argument("--twem-mbuf", type=int, default=None, help="twemproxy --mbuf-size (bytes) [its default, 16384]")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': to stdout, table to stderr)")
+    ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 if any proxy/direct ratio is below this")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
+    args = ap.parse_args(argv)
+
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 3.0)
+    if rounds < 1 or rounds > 50:
+        ap.error("--rounds: 1..50")
+    if args.n is not None and not 1 <= args.n <= 100_000_000:
+        ap.error("--n: 1..100000000")
+    if not 0.1 <= seconds <= 60:
+        ap.error("--seconds: 0.1..60")
+    wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = [s for s in SHAPES if s[0] in wanted]
+    if not shapes or len(shapes) != len(wanted):
+        ap.error(f"--shapes: choose from {','.join(s[0] for s in SHAPES)}")
+    extra_proxy = shlex.split(args.extra_proxy_args)
+    args.proxy_dir = args.proxy_dir.resolve()
+    if not (args.proxy_dir / "proxy" / "__main__.py").is_file():
+        ap.error(f"--proxy-dir: no proxy/__main__.py under {args.proxy_dir}")
+    out = sys.stderr if args.json == "-" else sys.stdout
+
+    server, rb = shutil.which("redis-server"), shutil.which("redis-benchmark")
+    if not server or not rb:
+        print("proxy_bench: redis-server and redis-benchmark must be on PATH", file=sys.stderr)
+        return 2
+    twem_bin = None if args.no_twem else shutil.which("nutcracker")
+    if twem_bin is None and not args.no_twem:
+        print("proxy_bench: nutcracker (twemproxy) not on PATH: skipping it (apt-get install nutcracker)", file=out)
+
+    procs = Procs()
+
+    def on_term(signum, frame):  # unwind like Ctrl-C so the children are stopped
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    work = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    results: dict[tuple[str, str, str], list[float]] = {}
+    ns: dict[tuple[str, str], int] = {}
+    walls: list[float] = []
+    counted = None
+    try:
+        redis_port = start_redis(procs, work, server)
+        proxy_port, admin_port = start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir)
+        targets = {"direct": redis_port, "proxy": proxy_port}
+        if twem_bin:
+            targets["twem"] = start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections, args.twem_mbuf)
+        print(f"# redis-server :{redis_port}, proxy :{proxy_port} (admin :{admin_port})"
+              + (f", twemproxy :{targets['twem']}" if "twem" in targets else "")
+              + f"; {rounds} round(s), " + (f"-n {args.n}" if args.n else f"~{seconds:g}s per run"), file=out, flush=True)
+        for shape, shape_args, probe_n in shapes:
+            for tname, port in targets.items():
+                if args.n:
+                    ns[(shape, tname)] = args.n
+                    continue
+                # calibration (also warms up: connections, keys for GET, allocator): grow the
+                # probe until it lasts long enough to time, then scale its wall time to --seconds
+                n = probe_n
+                for _ in range(4):
+                    _rps, wall = run_benchmark(procs, rb, port, shape_args, n, work, timeout=120)
+                    if wall >= 0.4 * min(seconds, 1.0) or n >= 20_000_000:
+                        break
+                    n *= 4
+                n = int(n * seconds / max(wall, 0.01))
+                ns[(shape, tname)] = max(1_000, min(n, 20_000_000))
+            for rnd in range(rounds):
+                for tname, port in targets.items():
+                    n = ns[(shape, tname)]
+                    rps, wall = run_benchmark(procs, rb, port, shape_args, n, work,
+                                              timeout=max(120.0, 30 * seconds))
+                    walls.append(wall)
+                    for test in TESTS:
+                        results.setdefault((shape, test, tname), []).append(rps[test])
+                    print(f"# {shape:8} round {rnd + 1}/{rounds} {tname:6} -n {n:<9} "
+                          + "  ".join(f"{t} {rps[t]:>11,.0f}" for t in TESTS) + f"  ({wall:.1f}s)", file=out, flush=True)
+        counted = proxy_counted(admin_port)
+    except KeyboardInterrupt:
+        print("\nproxy_bench: interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"proxy_bench: {exc}", file=sys.stderr)
+        print(f"proxy_bench: logs in {work}", file=sys.stderr)
+        args.keep = True
+        return 2
+    finally:
+        # a second Ctrl-C must not cut the cleanup short
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        procs.stop_all()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        if args.keep:
+            print(f"# kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = []
+    for shape, _a, _p in shapes:
+        for test in TESTS:
+            med = {t: (statistics.median(results[(shape, test, t)]) if (shape, test, t) in results else None)
+                   for t in TARGET_NAMES}
+            d = med["direct"]
+            rows.append({
+                "shape": shape, "test": test,
+                "direct": d, "proxy": med["proxy"], "twem": med["twem"],
+                "proxy_ratio": med["proxy"] / d if d and med["proxy"] is not None else None,
+                "twem_ratio": med["twem"] / d if d and med["twem"] is not None else None,
+                "samples": {t: results.get((shape, test, t), []) for t in TARGET_NAMES},
+                "n": {t: ns.get((shape, t)) for t in TARGET_NAMES},
+            })
+    print(file=out)
+    print_table(rows, out)
+    if counted is not None:
+        print(f"\n# the proxy counted {counted:,} upstream commands", file=out)
+    info = {
+        "redis_server": tool_version([server, "--version"]),
+        "redis_benchmark": tool_version([rb, "--version"]),
+        "twemproxy": tool_version([twem_bin, "--version"]) if twem_bin else None,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "rounds": rounds,
+        "seconds_per_run": None if args.n else seconds,
+        "extra_proxy_args": extra_proxy,
+        "proxy_dir": str(args.proxy_dir),
+        "twem_server_connections": args.twem_server_connections if twem_bin else None,
+        "proxy_counted_upstream_commands": counted,
+    }
+    if args.json:
+        doc = json.dumps({"info": info, "results": rows}, indent=1) + "\n"
+        if args.json == "-":
+            sys.stdout.write(doc)
+        else:
+            Path(args.json).write_text(doc)
+    if args.min_ratio is not None:
+        low = [r for r in rows if r["proxy_ratio"] is not None and r["proxy_ratio"] < args.min_ratio]
+        if low:
+            for r in low:
+                print(f"proxy_bench: {r['shape']} {r['test']}: proxy/direct {r['proxy_ratio']:.2f} < {args.min_ratio}",
+                      file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
