@@ -151,6 +151,9 @@ def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: l
     log = work / "proxy.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # keep the proxy's usage state (SQLite) in our temp dir, not in ~/.local/state/respmeter
+    env["RESPMETER_STATE_DIR"] = str(work / "proxy-state")
+    env["XDG_STATE_HOME"] = str(work / "xdg-state")
     p = procs.start([python, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
                      "--upstream", f"redis://127.0.0.1:{redis_port}", "--admin", f"127.0.0.1:{admin}",
                      "--log-level", "warning", *extra], log, cwd=str(proxy_dir), env=env)

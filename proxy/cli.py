@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "with caps, remaining budget and a projection. Reads a running proxy's admin API, or "
                         "with --state-dir the state of a stopped one.")
     _add_source_args(us)
+    rp = sub.add_parser("report", help="what sends all these commands, and why",
+                        description="Break the traffic down by command and key pattern, name its sources "
+                        "(Celery, kombu, redis-py, ...) and the settings that cut it. Reads a running proxy's "
+                        "admin API, or with --state-dir the state of a stopped one (today's counts).")
+    _add_source_args(rp)
+    rp.add_argument("--window", default="10m", help="measure over this much recent traffic (live proxy): "
+                    "90s, 10m, 2h, 1d [default 10m]")
+    rp.add_argument("--rows", type=int, default=25, help="table rows to print [default 25]")
+    tp = sub.add_parser("top", help="live view of commands/s, usage and rejections",
+                        description="A live terminal view refreshed every second: commands/s by command and by "
+                        "client, today's usage against the cap, rejected and throttled counts. q or Ctrl-C quits.")
+    tp.add_argument("--admin", default=os.environ.get("RESPMETER_ADMIN", "127.0.0.1:9380"),
+                    help="admin endpoint of the running proxy [env RESPMETER_ADMIN; default 127.0.0.1:9380]")
+    tp.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds [default 1]")
+    tp.add_argument("--once", action="store_true", help="print one frame (after one interval) and exit")
     return p
 
 
@@ -134,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config_command(ns.file)
     if ns.command == "usage":
         return usage_command(ns)
+    if ns.command == "report":
+        return report_command(ns)
+    if ns.command == "top":
+        from .top import top_command
+
+        return top_command(ns)
     if ns.command == "hash-password":
         return hash_password_command(ns.stdin)
     parser.error(f"unknown command {ns.command}")
@@ -255,6 +276,36 @@ def usage_command(ns: argparse.Namespace) -> int:
     from .report import format_usage
 
     print(format_usage(snap))
+    return 0
+
+
+def report_command(ns: argparse.Namespace) -> int:
+    import json
+    import urllib.parse
+
+    from .explain import build_report, stored_traffic
+    from .report import format_report
+
+    try:
+        window = parse_duration(ns.window)
+        if ns.state_dir:
+            limits = offline_limits(ns)
+            usage = limits.snapshot_readonly()
+            traffic = stored_traffic(limits.store, limits)
+        else:
+            traffic = fetch_json(ns.admin, "/api/traffic?window=" + urllib.parse.quote(str(window)))
+            usage = fetch_json(ns.admin, "/api/usage")
+    except (ConfigError, ValueError) as exc:
+        print(f"respmeter: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"respmeter: cannot reach the admin endpoint {ns.admin}: {exc}", file=sys.stderr)
+        return 1
+    rep = build_report(traffic, usage)
+    if ns.json:
+        print(json.dumps(rep, indent=1, sort_keys=True))
+    else:
+        print(format_report(rep, ns.rows), end="")
     return 0
 
 

@@ -34,6 +34,8 @@ class Health:
         self.quota_reason = ""
         self._probing: asyncio.Future | None = None
         self.auth_reason = ""
+        self.retry = 2.0
+        self._probed_at = float("-inf")
 
     def ok(self) -> None:
         self.ok_at = self.clock()
@@ -41,6 +43,8 @@ class Health:
     def failed(self, reason: str) -> None:
         self.fail_at = self.clock()
         self.reason = reason
+        if self.traffic is not None:  # replies that arrived before the failure are old evidence
+            self._traffic_seen = self.traffic()
 
     def quota_exceeded(self, reason: str) -> None:
         self.quota_exceeded_at = self.clock()
@@ -71,7 +75,11 @@ class Health:
     async def check(self) -> tuple[bool, str]:
         """(healthy, reason). Probes by connecting only when the evidence is stale."""
         now = self.clock()
-        if now - max(self._latest_ok(), self.fail_at) > self.fresh and self.probe is not None:
+        stale = now - max(self._latest_ok(), self.fail_at) > self.fresh
+        # while failing, look again every few seconds so recovery shows quickly
+        retry = self.failing() and not self.auth_reason and now - self._probed_at > self.retry
+        if (stale or retry) and self.probe is not None:
+            self._probed_at = now
             if self._probing is None:
                 self._probing = asyncio.ensure_future(self._run_probe())
             try:

@@ -67,7 +67,9 @@ class LabelSet:
             name = name[:128].decode("utf-8", "replace")
         else:
             name = name[:128]
-        if name in self._known or name in self.reserved:
+        if name in self.reserved:
+            return name + "_"  # a client cannot pass itself off as the proxy or a bucket
+        if name in self._known:
             return name
         if len(self._known) >= self.limit:
             return OTHER

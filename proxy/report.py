@@ -43,3 +43,88 @@ def format_usage(snap: dict[str, Any]) -> str:
                 lines.append(f"    {cmd:<24} {_n(n):>12}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _rate(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 1:
+        return f"{v:,.1f}"
+    return f"{v:.2f}"
+
+
+def format_report(rep: dict[str, Any], limit: int = 25) -> str:
+    """The traffic breakdown a user can act on (``respmeter report``)."""
+    t = rep["totals"]
+    w = rep["window"]
+    src = "live, last " + _dur(w["requested_seconds"]) if w["from"] == "live" else "state directory, today"
+    lines = [
+        f"respmeter report ({src}; measured over {_dur(w['measured_seconds'])})",
+        "",
+        f"Total: {_rate(t['per_minute'])}/min, {_rate(t['per_hour'])}/hour, {t['per_day']:,}/day projected, "
+        f"~{t['per_month']:,}/month",
+    ]
+    if "used_today" in t:
+        cap = f" of {t['daily_cap']:,} cap" if t.get("daily_cap") else ""
+        lines.append(f"Today: {t['used_today']:,} used{cap}; projected by midnight: {t['projected_today']:,}")
+        cap = f" of {t['monthly_cap']:,} cap" if t.get("monthly_cap") else ""
+        lines.append(f"This month: {t['used_month']:,} used{cap}; projected by month end: {t['projected_month']:,}")
+        if t.get("monthly_cap"):
+            hit = t.get("monthly_cap_hit_at")
+            lines.append(f"Monthly cap reached: {hit or 'not this month at this rate'}")
+    free = t["upstash_free_monthly"]
+    hit = t.get("upstash_free_hit_at")
+    lines.append(
+        f"Upstash free tier ({free:,}/month): this rate uses {100 * t['upstash_free_share']:.0f}% of it"
+        + (f"; reached {hit}" if hit else "")
+    )
+    lines.append("")
+    if rep["sources"]:
+        lines.append("Where it comes from:")
+        for s in rep["sources"]:
+            est = f"  (~{s['instances_estimate']} instance(s))" if s.get("instances_estimate") else ""
+            lines.append(f"  {100 * s['share']:5.1f}%  {s['per_day']:>10,}/day  {s['name']}{est}")
+        if rep["unrecognised"]["count"]:
+            u = rep["unrecognised"]
+            lines.append(f"  {100 * u['share']:5.1f}%  {'':>10}      unrecognised (see the table)")
+        lines.append("")
+        lines.append("What cuts it:")
+        for s in rep["sources"]:
+            if not s["knobs"] and not s["notes"]:
+                continue
+            lines.append(f"  {s['name']} ({s['per_day']:,}/day):")
+            lines.append(f"    why: {s['description']}")
+            for k in s["knobs"]:
+                lines.append(f"    - {k['setting']}")
+                lines.append(f"        {k['effect']}; saves ~{k['saving_per_day']:,}/day (~{k['saving_per_month']:,}/month)")
+            for n in s["notes"]:
+                lines.append(f"    note: {n}")
+        lines.append("")
+    if rep.get("ineffective_settings"):
+        lines.append("Settings that do nothing for Redis traffic:")
+        for x in rep["ineffective_settings"]:
+            lines.append(f"  - {x['setting']}: {x['fact']}")
+        lines.append("")
+    lines.append(f"{'share':>6} {'/min':>8} {'/hour':>9} {'/day':>10}  {'command':<16} {'key pattern':<40} {'client':<12} source")
+    for r in rep["rows"][:limit]:
+        pat = r["pattern"] if len(r["pattern"]) <= 40 else r["pattern"][:39] + "…"
+        lines.append(
+            f"{100 * r['share']:5.1f}% {_rate(r['per_minute']):>8} {_rate(r['per_hour']):>9} {r['per_day']:>10,}  "
+            f"{r['command']:<16} {pat:<40} {r['client'][:12]:<12} {r['source'] or 'UNRECOGNISED'}"
+        )
+    if len(rep["rows"]) > limit:
+        lines.append(f"... {len(rep['rows']) - limit} more rows (--rows N, or --json)")
+    return "\n".join(lines) + "\n"
+
+
+def _dur(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    if s >= 86400:
+        return f"{s / 86400:.1f}d"
+    if s >= 3600:
+        return f"{s / 3600:.1f}h"
+    if s >= 60:
+        return f"{s / 60:.1f}m"
+    return f"{s:.0f}s"

@@ -16,6 +16,7 @@ Both keep a bound on what they hold for an incomplete frame.
 
 from __future__ import annotations
 
+import re
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -136,6 +137,7 @@ def split_inline(line: bytes) -> list[bytes]:
 
 
 _NEED = object()
+_HUGE_COUNT = re.compile(rb"\*[0-9]{7}")
 _pack = _hiredis.pack_command if _hiredis is not None else None
 
 
@@ -201,6 +203,7 @@ class RequestParser:
             and not self._chunks
             and data[:1] == b"*"
             and len(data) <= self.max_bulk
+            and _HUGE_COUNT.search(data) is None  # hiredis would allocate such arrays up front
         ):
             fast = self._fast(data)
             if fast is not None:
@@ -272,6 +275,8 @@ class RequestParser:
                     cmd_start = pos
                     if buf[pos] != 42:  # not '*': an inline command
                         nl = find(b"\n", pos)
+                        if nl >= 0 and find(b"\x00", pos, nl) >= 0:
+                            nl = -1  # Redis finds the newline with strchr(), which stops at a NUL
                         if nl < 0:
                             if n - pos > MAX_INLINE:
                                 raise ProtocolError("Protocol error: too big inline request")

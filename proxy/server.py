@@ -182,11 +182,8 @@ class ClientConnection(asyncio.Protocol):
             self.pause(P_BACKLOG)
 
     def eof_received(self) -> bool:
-        # A half-closed client (e.g. `redis-cli < file`): let replies in flight arrive, then close.
-        session = self.session
-        if session is not None and (session.pending or session.waiting):
-            session.closing = True
-            return True
+        # As Redis does: a client that closes its side is gone (replies in flight are dropped, a
+        # blocked command is abandoned), so its upstream connection closes too.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -53,6 +53,11 @@ NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
 UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
 
 
+def _valid_name(name: bytes) -> bool:
+    """Redis accepts client names of printable ASCII without spaces (or empty, to clear)."""
+    return all(33 <= c <= 126 for c in name)
+
+
 class Pending:
     """A command whose reply (or local answer) the client has yet to receive."""
 
@@ -540,6 +545,17 @@ class Session:
             self.multi_view = False
             if name == "reset":
                 self.reply_off = self.reply_skip = False
+        elif name == "client|setname" and len(args) == 3 and _valid_name(args[2]):
+            # the server runs what follows under the new name: label it so now (undone on error)
+            e.reply = self.name or b""
+            self.name = args[2] or None
+            self.client = self._compute_label()
+        elif name == "hello":
+            for i in range(2, len(args) - 1):
+                if args[i].lower() == b"setname" and _valid_name(args[i + 1]):
+                    e.reply = self.name or b""
+                    self.name = args[i + 1] or None
+                    self.client = self._compute_label()
         elif name == "client|reply" and len(args) >= 3:
             mode = args[2].lower()
             if mode == b"off":
@@ -827,9 +843,21 @@ class Session:
         elif name == "discard":
             self.tx_queued.clear()
             self.in_multi = False
+        if error and name in ("client|setname", "hello") and e.reply is not None:
+            self.name = e.reply or None  # refused: the name it had before
+            self.client = self._compute_label()
         if name == "hello" and self.hello_auth_check is not None:
             check, self.hello_auth_check = self.hello_auth_check, None
             check(error, b"-WRONGPASS or NOAUTH in reply to HELLO AUTH\r\n" if error else b"")
+        if name == "reset" and not error:  # runs at once, inside MULTI too
+            self.protocol = 2
+            self.name = None
+            self.client = self._compute_label()
+            self.channels = self.patterns = self.shard_channels = 0
+            self.tx_queued.clear()
+            self.in_multi = False
+            self.monitor = False
+            return
         if error or self.in_multi or name in ("multi", "exec", "discard"):
             return
         if name == "hello":
@@ -838,28 +866,6 @@ class Session:
                     self.protocol = int(args[1])
                 except ValueError:
                     pass
-            i = 2
-            while i < len(args):
-                opt = args[i].lower()
-                if opt == b"auth":
-                    i += 3
-                elif opt == b"setname" and i + 1 < len(args):
-                    self.name = args[i + 1]
-                    self.client = self._compute_label()
-                    i += 2
-                else:
-                    i += 1
-        elif name == "client|setname" and len(args) >= 3:
-            self.name = args[2] or None
-            self.client = self._compute_label()
-        elif name == "reset":
-            self.protocol = 2
-            self.name = None
-            self.client = self._compute_label()
-            self.channels = self.patterns = self.shard_channels = 0
-            self.tx_queued.clear()
-            self.in_multi = False
-            self.monitor = False
         elif name == "monitor":
             self.monitor = True
         elif name == "quit":
@@ -896,7 +902,7 @@ class Session:
             self._send_client(data)
 
     def _maybe_close(self) -> None:
-        if self.closing and not self.pending and not self.closed and not self.held:
+        if self.closing and not self.pending and not self.waiting and not self.closed and not self.held:
             self._ended()
             self.closed = True
             if self._close_upstream is not None:

@@ -201,6 +201,7 @@ async def _fuzz(host: str, port: int, inputs: list[bytes], stats: dict) -> None:
 def test_fuzzed_requests_never_crash_the_proxy(redis_factory, proxy_factory):
     server = redis_factory([
         "--user", "default", "on", "nopass", "~*", "&*", "+@all", "-@dangerous", "-@blocking",
+        "--user", "observer", "on", ">observer-pw", "~*", "&*", "+@all",
     ])
     proxy = proxy_factory(server, log_level="info")
     inputs = generate(N_INPUTS, SEED)
@@ -240,7 +241,7 @@ def test_fuzzed_requests_never_crash_the_proxy(redis_factory, proxy_factory):
     while proxy.metric_sum("respmeter_client_connections", by=())[()] > 2:  # checker + c
         assert time.monotonic() < deadline, proxy.metric_sum("respmeter_client_connections", by=())
         time.sleep(0.1)
-    obs = server.client()
+    obs = server.client(username="observer", password="observer-pw")
     deadline = time.monotonic() + 5
     while len(obs.client_list()) > 3:  # observer + checker + c upstream connections
         assert time.monotonic() < deadline, [x.get("cmd") for x in obs.client_list()]
