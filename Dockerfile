@@ -6,8 +6,8 @@
 #       -e RESPMETER_ALLOW_UNAUTHENTICATED=true -e RESPMETER_DAILY_CAP=10000 \
 #       -v respmeter-state:/var/lib/respmeter respmeter
 #
-# Configured only through RESPMETER_* environment variables (every `respmeter run --flag` is
-# RESPMETER_FLAG; see `docker run --rm respmeter run --help`). The image listens on all interfaces
+# Configured only through RESPMETER_* environment variables (`respmeter run --daily-cap` is
+# RESPMETER_DAILY_CAP, and so on; see `docker run --rm respmeter run --help`). The image listens on all interfaces
 # (0.0.0.0:6380 for Redis clients, 0.0.0.0:9380 for /metrics and /healthz), and the proxy refuses to
 # listen beyond loopback without client authentication: you must choose, at `docker run` time,
 # either RESPMETER_USERS=/path/to/users.toml (mounted; hashes from `respmeter hash-password`) or

@@ -29,6 +29,12 @@ MAX_KEY = 200
 MULTI_KEY = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "blmpop", "bzmpop"})  # + " timeout=N"
 # Channels count as the "key" of pub/sub commands: where the traffic goes
 CHANNEL_FIRST = frozenset({"publish", "spublish"})
+# Commands whose pattern is just their folded first argument (the hot path's cache applies)
+FAST_NAMES = frozenset(
+    name
+    for name, info in cmdtable.all_commands().items()
+    if info.first_key == 1 and name not in MULTI_KEY and name not in CHANNEL_FIRST and name != "ping"
+)
 
 
 def fold(key: bytes) -> str:
@@ -47,20 +53,28 @@ def fold(key: bytes) -> str:
 
 
 class PatternTracker:
-    __slots__ = ("limit", "counts", "_cache", "_known", "_minutes", "_minute", "_cur", "_flushed", "clock", "_started")
+    """Counts per (client, command, pattern).
+
+    The hot path adds to ``cur`` only (see :meth:`add`, or the session's inlined equivalent); the
+    once-a-second :meth:`tick` moves ``cur`` into the current minute's bucket and into what the store
+    has not seen yet. ``fast`` maps a raw first key to its final pattern for commands whose first
+    argument is their key, so most commands cost one dict lookup here.
+    """
+
+    __slots__ = ("limit", "cur", "fast", "_known", "_minutes", "_minute", "_unflushed", "clock", "_started")
 
     def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.time) -> None:
         self.limit = limit
         self.clock = clock
         self._started = clock()
-        self.counts: dict[tuple[str, str, str], int] = {}  # since start
-        self._cache: dict[bytes, str] = {}
+        self.cur: dict[tuple[str, str, str], int] = {}  # since the last tick
+        self.fast: dict[bytes, str] = {}  # raw first key -> pattern (already bounded)
         self._known: set[str] = set()
-        # per-minute deltas for windowed rates: deque of (minute, {key: n}), last 24 h
+        # per-minute counts for windowed rates: deque of (minute, {key: n}), the last 24 h
         self._minutes: deque[tuple[int, dict[tuple[str, str, str], int]]] = deque(maxlen=24 * 60)
-        self._minute = -1
-        self._cur: dict[tuple[str, str, str], int] = {}
-        self._flushed: dict[tuple[str, str, str], tuple[int, float]] = {}  # key -> (n flushed, first seen)
+        self._minute = int(self._started // 60)
+        self._minutes.append((self._minute, {}))
+        self._unflushed: dict[tuple[str, str, str], list] = {}  # key -> [n, first, last]
 
     def pattern(self, name: str, info: Any, args: list[bytes]) -> str:
         if info is None:
@@ -70,85 +84,82 @@ class PatternTracker:
                 return NOKEY
             parent = cmdtable.lookup(args[:1])
             shown = args[:2] if parent is not None and parent.subcommands and len(args) > 1 else args[:1]
-            pat = self._fold(b" ".join(a[:32] for a in shown)).upper()
-        elif len(args) < 2:
+            return self._bound(fold(b" ".join(a[:32] for a in shown)).upper())
+        if len(args) < 2:
             return NOKEY
-        elif name in MULTI_KEY:
+        if name in MULTI_KEY:
             idx = cmdtable.key_indices(info, args)
-            pats = sorted({self._fold(args[i]) for i in idx})
+            pats = sorted({fold(args[i]) for i in idx})
             pat = " ".join(pats[:4]) + (" …" if len(pats) > 4 else "")
             timeout = args[1] if name in ("blmpop", "bzmpop") else args[-1]
-            pat += " timeout=" + timeout[:12].decode("ascii", "replace")
-        elif name == "ping":
-            pat = self._fold(args[1])
-        elif name in CHANNEL_FIRST:
-            pat = self._fold(args[1])
-        elif info.first_key == 1:
-            pat = self._fold(args[1])
-        else:
-            idx = cmdtable.key_indices(info, args)
-            if not idx:
-                return NOKEY
-            pat = self._fold(args[idx[0]])
+            return self._bound(pat + " timeout=" + timeout[:12].decode("ascii", "replace"))
+        if name == "ping" or name in CHANNEL_FIRST:
+            return self._bound(fold(args[1]))
+        if info.first_key == 1:
+            key = args[1]
+            pat = self.fast.get(key)
+            if pat is None:
+                pat = self._bound(fold(key))
+                if len(self.fast) > 50_000:
+                    self.fast.clear()
+                self.fast[key] = pat
+            return pat
+        idx = cmdtable.key_indices(info, args)
+        if not idx:
+            return NOKEY
+        return self._bound(fold(args[idx[0]]))
+
+    def _bound(self, pat: str) -> str:
         if pat not in self._known:
             if len(self._known) >= self.limit:
                 return OTHER
             self._known.add(pat)
         return pat
 
-    def _fold(self, key: bytes) -> str:
-        p = self._cache.get(key)
-        if p is None:
-            if len(self._cache) > 50_000:
-                self._cache.clear()
-            p = self._cache[key] = fold(key)
-        return p
-
     def add(self, client: str, name: str, pattern: str, n: int = 1) -> None:
         key = (client, name, pattern)
-        c = self.counts
-        c[key] = c.get(key, 0) + n
-        minute = int(self.clock() // 60)
-        if minute != self._minute:
-            self._roll(minute)
-        cur = self._cur
+        cur = self.cur
         cur[key] = cur.get(key, 0) + n
 
-    def _roll(self, minute: int) -> None:
-        if self._cur:
-            self._minutes.append((self._minute, self._cur))
-        self._cur = {}
-        self._minute = minute
+    def tick(self) -> None:
+        """Move what was counted since the last tick into its minute and the store's queue."""
+        now = self.clock()
+        cur, self.cur = self.cur, {}
+        minute = int(now // 60)
+        if minute != self._minute:
+            self._minute = minute
+            self._minutes.append((minute, {}))
+        bucket = self._minutes[-1][1]
+        unflushed = self._unflushed
+        for k, n in cur.items():
+            bucket[k] = bucket.get(k, 0) + n
+            u = unflushed.get(k)
+            if u is None:
+                unflushed[k] = [n, now, now]
+            else:
+                u[0] += n
+                u[2] = now
 
     def window(self, seconds: float) -> tuple[dict[tuple[str, str, str], int], float]:
         """Counts over the last ``seconds`` (whole minutes plus the current one) and the span covered."""
+        self.tick()
         now = self.clock()
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._roll(minute)
-        since = minute - int(seconds // 60)
+        since = int((now - seconds) // 60)
         out: dict[tuple[str, str, str], int] = {}
-        oldest = minute
+        oldest = None
         for m, d in self._minutes:
             if m >= since:
-                oldest = min(oldest, m)
+                oldest = m if oldest is None else min(oldest, m)
                 for k, n in d.items():
                     out[k] = out.get(k, 0) + n
-        for k, n in self._cur.items():
-            out[k] = out.get(k, 0) + n
-        span = max(1.0, now - max(oldest * 60, now - seconds, self.started()))
-        return out, span
+        start = max(now - seconds, self._started, (oldest * 60) if oldest is not None else now)
+        return out, max(1.0, now - start)
 
     def started(self) -> float:
         return self._started
 
     def take_deltas(self) -> dict[tuple[str, str, str], tuple[int, float, float]]:
         """Counts added since the last call, with first/last seen times, for the store."""
-        now = self.clock()
-        out = {}
-        for key, n in self.counts.items():
-            done, first = self._flushed.get(key, (0, now))
-            if n != done:
-                out[key] = (n - done, first, now)
-                self._flushed[key] = (n, first)
-        return out
+        self.tick()
+        out, self._unflushed = self._unflushed, {}
+        return {k: (v[0], v[1], v[2]) for k, v in out.items()}

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import commands as cmdtable
 from .metrics import PROXY_CLIENT, Stats
+from .patterns import FAST_NAMES
 from .resp import (
     KIND_ARRAY,
     KIND_ERROR,
@@ -372,6 +373,11 @@ class Session:
             lookup = cmdtable.lookup
             upstream = self.stats.upstream
             tracker = self.stats.patterns
+            if tracker is not None:
+                fast = tracker.fast
+                tcur = tracker.cur
+                last_tkey = None
+                last_n = 0
             run_name = None
             run_n = 0
             for args, _s, _e in cmds:
@@ -386,7 +392,16 @@ class Session:
                     timed = not info.blocking
                 append((name, client, now, timed))
                 if tracker is not None:
-                    tracker.add(client, name, tracker.pattern(name, info, args))
+                    pat = fast.get(args[1]) if name in FAST_NAMES and len(args) > 1 else None
+                    if pat is None:
+                        pat = tracker.pattern(name, info, args)
+                    if last_tkey is not None and last_tkey[2] is pat and last_tkey[1] is name:
+                        last_n += 1
+                    else:
+                        if last_tkey is not None:
+                            tcur[last_tkey] = tcur.get(last_tkey, 0) + last_n
+                        last_tkey = (client, name, pat)
+                        last_n = 1
                 if name is run_name:
                     run_n += 1
                 else:
@@ -399,6 +414,8 @@ class Session:
             if run_n:
                 key = (client, run_name)
                 upstream[key] = upstream.get(key, 0) + run_n
+            if tracker is not None and last_tkey is not None:
+                tcur[last_tkey] = tcur.get(last_tkey, 0) + last_n
             if start == len(cmds):
                 self._write_upstream(raw)
                 return
