@@ -202,7 +202,7 @@ def start_proxy(procs: Procs, workdir: Path, python: str, redis_port: int, extra
     env = dict(os.environ)
     env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # keep the proxy's usage state (SQLite) in our temp dir, not in ~/.local/state/respmeter
-    env["RESPMETER_STATE_DIR"] = str(workdir / "proxy-state")
+    env["RESPMETER_STATE_DIR"] = str(workdir / f"proxy-state-{tag}")
     env["XDG_STATE_HOME"] = str(workdir / "xdg-state")
     p = procs.start(f"proxy-{tag}", argv, workdir / f"proxy-{tag}.log", cwd=str(proxy_dir), env=env)
     wait_ping(port, p, "proxy")

@@ -1239,3 +1239,133 @@ class RespSocket:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------
+# a real Celery worker (for end-to-end tests through the proxy)
+# --------------------------------------------------------------------------
+
+CELERY_APP = '''
+import json
+import os
+
+from celery import Celery
+
+url = os.environ["RESPMETER_TEST_URL"]
+app = Celery("rmapp", broker=url, backend=url)
+app.conf.broker_transport_options = json.loads(os.environ.get("RESPMETER_TEST_TRANSPORT_OPTIONS") or "{}")
+
+
+@app.task
+def add(x, y):
+    return {"sum": x + y, "pid": os.getpid()}
+'''
+
+
+class CeleryWorker:
+    """``celery -A rmapp worker --pool solo -c 1`` as a real child process.
+
+    ``url`` is the broker AND result backend URL (normally the proxy's).
+    ``transport_options`` become ``broker_transport_options`` (JSON-able dict);
+    ``worker_args`` are appended to the worker command line (e.g.
+    ``["--without-heartbeat"]``).  The app module (task ``rmapp.add``) is
+    written to ``<workdir>/app``; the worker's output goes to
+    ``<workdir>/worker.log``.  Registered for the session-end kill.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        workdir: str | os.PathLike[str],
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        worker_args: Sequence[str] = (),
+        loglevel: str = "info",
+    ) -> None:
+        self.url = url
+        self.workdir = Path(workdir)
+        self.appdir = self.workdir / "app"
+        self.log_path = self.workdir / "worker.log"
+        self.transport_options = dict(transport_options or {})
+        self.worker_args = [str(a) for a in worker_args]
+        self.loglevel = loglevel
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> "CeleryWorker":
+        import json
+
+        self.appdir.mkdir(parents=True, exist_ok=True)
+        (self.appdir / "rmapp.py").write_text(CELERY_APP)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.appdir) + os.pathsep + env.get("PYTHONPATH", "")
+        env["RESPMETER_TEST_URL"] = self.url
+        env["RESPMETER_TEST_TRANSPORT_OPTIONS"] = json.dumps(self.transport_options)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                _deathsig_prefix()
+                + [sys.executable, "-m", "celery", "-A", "rmapp", "worker", "--pool", "solo", "-c", "1",
+                   "--loglevel", self.loglevel, *self.worker_args],
+                cwd=self.appdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        _register(self.proc)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the worker logs ``ready.`` (raises ProcessStartError with its log otherwise)."""
+        deadline = time.monotonic() + timeout
+        while "ready." not in self.log_text():
+            if not self.is_running() or time.monotonic() > deadline:
+                raise ProcessStartError(f"celery worker not ready\n--- {self.log_path} ---\n{_tail(self.log_path)}")
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the worker process so far (from /proc/<pid>/stat)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        # fields[0] is field 3 (state): utime and stime are fields 14 and 15
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        _unregister(self.proc)
+        return self.proc.returncode
+
+    def __enter__(self) -> "CeleryWorker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def celery_call(url: str, task: str = "rmapp.add", args: Sequence[Any] = (2, 40), timeout: float = 15.0) -> Any:
+    """Submit ``task`` by name through ``url`` (broker and result backend) and wait for its result."""
+    from celery import Celery
+
+    app = Celery("rmproducer", broker=url, backend=url)
+    try:
+        return app.send_task(task, args=list(args)).get(timeout=timeout)
+    finally:
+        app.close()

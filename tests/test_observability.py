@@ -814,10 +814,9 @@ class Prometheus:
             support._unregister(self.proc)
 
     def api(self, path: str, **params: Any) -> Any:
-        url = f"{self.url}/api/v1/{path}"
-        data = urllib.parse.urlencode(params, doseq=True).encode()
+        url = f"{self.url}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
         try:
-            with urllib.request.urlopen(url, data=data, timeout=10) as r:
+            with urllib.request.urlopen(url, timeout=10) as r:
                 body = json.load(r)
         except urllib.error.HTTPError as exc:  # 400/422 carry the PromQL error as JSON
             body = json.load(exc)
@@ -982,6 +981,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         job["scrape_interval"] = job["scrape_timeout"] = "1s"
         job["static_configs"] = [{"targets": [f"127.0.0.1:{p.admin_port}" for p in proxies.values()]}]
         prom = Prometheus(config, tmp_path_factory.mktemp("obs-prometheus")).start()
+        # Prometheus applies new targets after a few seconds: let scraping start before the traffic,
+        # so that the counters are seen growing (rate() > 0), not just at their final values.
+        deadline = time.monotonic() + 20
+        while len(prom.query('up{job="respmeter"} == 1')[1]) < len(proxies):
+            assert time.monotonic() < deadline, f"Prometheus does not scrape the proxies: {prom.query('up')}"
+            time.sleep(0.2)
 
         _traffic(proxies["a1"], proxies["a2"], down)
 
