@@ -266,9 +266,12 @@ def panels() -> list[dict]:
     ps.append(stat(
         nid(), "Upstream reachable",
         "respmeter_upstream_up per proxy instance: UP when the latest evidence (connects, replies, "
-        "the /healthz probe) says the upstream Redis is reachable, DOWN after a failure.",
+        "the /healthz probe) says the upstream Redis is reachable, DOWN after a failure; and "
+        "respmeter_healthy: what /healthz answers (DOWN also while credentials are rejected or the "
+        "provider's request quota is exceeded).",
         (4, 8, 4, 5),
-        [target("A", f"min by (instance) (respmeter_upstream_up{{{SEL}}})", "{{instance}}")],
+        [target("A", f"min by (instance) (respmeter_upstream_up{{{SEL}}})", "{{instance}} upstream"),
+         target("B", f"min by (instance) (respmeter_healthy{{{SEL}}})", "{{instance}} /healthz")],
         steps=thresholds(("red", None), ("green", 1)),
         mappings=[{"type": "value", "options": {"0": {"text": "DOWN", "color": "red", "index": 0},
                                                 "1": {"text": "UP", "color": "green", "index": 1}}}],
@@ -357,16 +360,16 @@ def panels() -> list[dict]:
     ps.append(timeseries(
         nid(), "Rejected and throttled commands/s by reason",
         "Rate limit rules (action=reject refuses, action=delay holds the command) and caps (commands refused "
-        "because the daily or monthly cap was reached). 'all rejected' counts every refused command, "
-        "whatever the reason (including authentication).",
+        "because the daily or monthly cap was reached). 'rejected: <reason>' counts every refused command by "
+        "why: cap, rate_limit, rate_limit_queue_full, noauth, auth_failed, upstream_unavailable.",
         (0, 39, 12, 8),
         [
             target("A", f"sum by (rule, action) (rate(respmeter_throttled_total{{{SEL}}}[{rate}]))",
                    "rate limit {{rule}} ({{action}})"),
             target("B", f"sum by (window) (rate(respmeter_cap_rejections_total{{{SEL}}}[{rate}]))",
                    "{{window}} cap"),
-            target("C", f'sum(rate(respmeter_commands_total{{{SEL_CC},outcome="rejected"}}[{rate}]))',
-                   "all rejected"),
+            target("C", f"sum by (reason) (rate(respmeter_rejections_total{{{SEL}}}[{rate}]))",
+                   "rejected: {{reason}}"),
         ],
     ))
     ps.append(timeseries(

@@ -350,11 +350,11 @@ def with_password(upstream: Any, opts: dict[str, Any], env: dict[str, str]) -> A
     """The upstream with its password from the URL, RESPMETER_UPSTREAM_PASSWORD or the password file."""
     password = upstream.password
     sources = [n for n, present in (("the URL", password is not None),
-                                    ("RESPMETER_UPSTREAM_PASSWORD", "RESPMETER_UPSTREAM_PASSWORD" in env),
+                                    ("RESPMETER_UPSTREAM_PASSWORD", bool(env.get("RESPMETER_UPSTREAM_PASSWORD"))),
                                     ("--upstream-password-file", opts["upstream_password_file"] is not None)) if present]
     if len(sources) > 1:
         raise ConfigError("upstream password given more than once: " + " and ".join(sources))
-    if "RESPMETER_UPSTREAM_PASSWORD" in env:
+    if env.get("RESPMETER_UPSTREAM_PASSWORD"):  # empty means unset (compose's ${VAR:-})
         password = env["RESPMETER_UPSTREAM_PASSWORD"]
     elif opts["upstream_password_file"]:
         path = opts["upstream_password_file"]
@@ -587,6 +587,9 @@ class App:
                     limits.flush()
                 except Exception:  # noqa: BLE001 - a busy/locked state file must not stop the proxy
                     self.log.exception("could not write usage state")
+                if health.stale() or (health.failing() and not health.auth_reason):
+                    # keep respmeter_upstream_up current while idle (a bare connect, no command)
+                    await health.check()
 
         flush_task = loop.create_task(flusher())
         await stop.wait()

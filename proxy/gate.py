@@ -142,7 +142,7 @@ class Gate:
                     return verdict
                 return None  # authenticated: forward HELLO (without the client's AUTH)
             if not session.authed:
-                return Admission.REPLY, HELLO_NOAUTH, "rejected"
+                return Admission.REPLY, HELLO_NOAUTH, "rejected:noauth"
             return None
         if not session.authed:
             if name == "quit":
@@ -151,7 +151,7 @@ class Gate:
             if name == "reset":
                 return Admission.REPLY, b"+RESET\r\n", "local"
             if name not in PRE_AUTH:
-                return Admission.REPLY, NOAUTH, "rejected"
+                return Admission.REPLY, NOAUTH, "rejected:noauth"
         return None
 
     def _login(self, session: Session, user: bytes, password: bytes, ok_reply: bytes | None) -> tuple[int, Any, str] | None:
@@ -179,7 +179,7 @@ class Gate:
             session.auth_wait_until = None
             self.throttle.failed(addr)
             log.info("authentication failed for user %r from %s", user.decode("utf-8", "replace")[:64], addr)
-            return Admission.REPLY, WRONGPASS, "rejected"
+            return Admission.REPLY, WRONGPASS, "rejected:auth_failed"
         self.throttle.succeeded(addr)
         u = self.verifier.users[user.decode("utf-8", "replace")]
         session.authed = True

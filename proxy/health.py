@@ -68,6 +68,13 @@ class Health:
     def auth_ok(self) -> None:
         self.auth_reason = ""
 
+    def unhealthy(self) -> bool:
+        return self.failing() or self.clock() - self.quota_exceeded_at < self.quota_window
+
+    def stale(self) -> bool:
+        """No evidence either way for ``fresh`` seconds (a background probe is due)."""
+        return self.clock() - max(self._latest_ok(), self.fail_at) > self.fresh
+
     def failing(self) -> bool:
         """The latest evidence is a failure (no probe)."""
         return bool(self.auth_reason) or self.fail_at > self._latest_ok()

@@ -317,9 +317,9 @@ class Limits:
                 if name == "exec":
                     discard = session.push_internal([b"DISCARD"], None)
                     return Admission.INJECT_REPLY, (discard, encode_error(
-                        "EXECABORT Transaction discarded: respmeter cap reached while queueing"), "rejected"), ""
+                        "EXECABORT Transaction discarded: respmeter cap reached while queueing"), "rejected:cap"), ""
         elif session.multi_view and session.tx_doomed:
-            return Admission.REPLY, self._tx_cap_error(session), "rejected"
+            return Admission.REPLY, self._tx_cap_error(session), "rejected:cap"
         elif name == "multi" and not session.multi_view:
             need = 2 + extra
         else:
@@ -359,8 +359,8 @@ class Limits:
                     return Admission.WAIT, None, ""
                 session.idle_until = None
                 empty = b"_\r\n" if session.protocol == 3 else BLOCKING[name][1]
-                return Admission.REPLY, empty, "rejected"
-        return Admission.REPLY, self.cap_error(pool), "rejected"
+                return Admission.REPLY, empty, "rejected:cap"
+        return Admission.REPLY, self.cap_error(pool), "rejected:cap"
 
     def _rate(self, session: Session, client: str, name: str, now: float) -> tuple[int, Any, str] | None:
         key = (client, name)
@@ -378,7 +378,7 @@ class Limits:
                 continue
             if rule.action == "reject":
                 self._throttled(rule, "reject")
-                return Admission.REPLY, encode_error(f"ERR respmeter: rate limit {rule.name} exceeded"), "rejected"
+                return Admission.REPLY, encode_error(f"ERR respmeter: rate limit {rule.name} exceeded"), "rejected:rate_limit"
             wait = (1.0 - b.tokens) / rule.rate
             if not session.held:
                 self._throttled(rule, "delay")

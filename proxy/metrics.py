@@ -21,6 +21,10 @@ from prometheus_client.registry import Collector
 from . import __version__
 
 OUTCOMES = ("ok", "error", "rejected", "local")
+# why the proxy refused a command (respmeter_rejections_total{reason})
+REJECTION_REASONS = ("cap", "rate_limit", "rate_limit_queue_full", "noauth", "auth_failed", "upstream_unavailable")
+# upstream failure kinds exported from the start (others appear when they happen)
+UPSTREAM_ERROR_KINDS = ("connect_refused", "connect_timeout", "connect_error", "dns", "tls", "auth", "reset", "eof", "protocol")
 PROXY_CLIENT = "respmeter"  # client label of the commands the proxy sends on its own behalf
 ANONYMOUS = "anonymous"
 OTHER = "other"
@@ -102,17 +106,22 @@ class Stats:
         self.bytes = {"from_client": 0, "to_client": 0, "to_upstream": 0, "from_upstream": 0}
         self.client_connections = 0
         self.connections_total = 0
-        self.upstream_errors: dict[str, int] = {}
+        self.upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.protocol_errors = 0
         self.pushes = 0
         self.unpaired_replies = 0
         self.upstream_quota_exceeded = 0
         self.cap_rejections: dict[str, int] = {}  # window -> commands refused at the cap
+        self.rejections: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
         self.patterns = None  # proxy.patterns.PatternTracker, when key patterns are tracked
         self.on_quota: Callable[[str], None] | None = None  # told the upstream's quota error text
 
     # -- hot path helpers ---------------------------------------------------------------
     def count_command(self, client: str, command: str, outcome: str) -> None:
+        """``outcome`` may carry a reason: "rejected:cap" counts as outcome "rejected", reason "cap"."""
+        if ":" in outcome:
+            outcome, _, reason = outcome.partition(":")
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
         key = (client, command, outcome)
         d = self.commands
         d[key] = d.get(key, 0) + 1
@@ -211,6 +220,15 @@ class StatsCollector(Collector):
         for kind, n in sorted(s.upstream_errors.items()):
             e.add_metric((kind,), n)
         yield e
+        r = CounterMetricFamily(
+            "respmeter_rejections",
+            "Commands the proxy refused, by reason (cap, rate_limit, rate_limit_queue_full, noauth, "
+            "auth_failed, upstream_unavailable).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(s.rejections.items()):
+            r.add_metric((reason,), n)
+        yield r
         yield CounterMetricFamily(
             "respmeter_protocol_errors",
             "Client connections closed for malformed or oversized requests.",
@@ -278,7 +296,9 @@ class LimitsCollector(Collector):
             "Commands held (action=delay) or refused (action=reject) by a rate limit rule.",
             labels=("rule", "action"),
         )
-        for (rule, action), n in sorted(lim.throttled.items()):
+        throttled = {(rule.name, rule.action): 0 for rule in lim.rules}
+        throttled.update(lim.throttled)
+        for (rule, action), n in sorted(throttled.items()):
             t.add_metric((rule, action), n)
         yield t
         c = CounterMetricFamily(
@@ -287,7 +307,10 @@ class LimitsCollector(Collector):
             labels=("window",),
         )
         if lim.stats is not None:
-            for window, n in sorted(lim.stats.cap_rejections.items()):
+            per_window = {w: 0 for w in ("daily", "monthly") if getattr(lim.caps, w) or any(
+                spec.get(w) for spec in lim.caps.clients.values())}
+            per_window.update(lim.stats.cap_rejections)
+            for window, n in sorted(per_window.items()):
                 c.add_metric((window,), n)
         yield c
 
@@ -304,4 +327,10 @@ class HealthCollector(Collector):
             "1 when the latest evidence (connects, replies, probes) says the upstream is reachable, "
             "0 after a failure (connection refused, TLS error, credentials rejected, ...).",
             value=0 if self.health.failing() else 1,
+        )
+        yield GaugeMetricFamily(
+            "respmeter_healthy",
+            "What /healthz would answer without probing: 1 for 200, 0 for 503 (upstream failing, "
+            "credentials rejected, or its request quota exceeded in the last minute).",
+            value=0 if self.health.unhealthy() else 1,
         )

@@ -268,8 +268,11 @@ class UpstreamConnection(asyncio.Protocol):
             c.proxy.stats.upstream_error("reset")
             c.proxy.health.failed(reason)
         log.debug("client %s: %s", session.peer, reason)
-        if not session.got_reply and exc is None and c.proxy.settings.ssl_context is not None:
-            reason = "upstream TLS: the server closed the connection after the handshake (a client certificate it requires?)"
+        if not session.got_reply and c.proxy.settings.ssl_context is not None and not reason.startswith("upstream TLS"):
+            # closed or reset right after the handshake, before any reply: TLS 1.3 servers do this
+            # when they require a client certificate and got none (or a wrong one)
+            reason = ("upstream TLS: the server dropped the connection after the handshake (does it "
+                      f"require a client certificate?): {exc or 'closed'}")
         if not session.got_reply:
             # it broke before saying anything: the commands sent get a clear error, not a bare close
             session.upstream_failed(reason)

@@ -269,12 +269,12 @@ class Session:
             args, raw = entry[0], entry[1]
             if not args:
                 if len(entry) == 3:  # a command refused while waiting (rate-limit queue full)
-                    self.stats.count_command(self.client, entry[2], "rejected")
+                    self.stats.count_command(self.client, entry[2], "rejected:rate_limit_queue_full")
                     out.append(msg)
                     continue
                 out.append(raw)  # a queued protocol error
                 break
-            self.stats.count_command(self.client, cmdtable.command_name(args), "rejected")
+            self.stats.count_command(self.client, cmdtable.command_name(args), "rejected:upstream_unavailable")
             out.append(msg)
         if out:
             self._write_client(b"".join(out))
@@ -463,7 +463,7 @@ class Session:
             args, raw = entry[0], entry[1]
             if not args and len(entry) == 3:  # refused while waiting (rate-limit queue full)
                 waiting.popleft()
-                self.stats.count_command(self.client, entry[2], "rejected")
+                self.stats.count_command(self.client, entry[2], "rejected:rate_limit_queue_full")
                 self._answer(raw, entry[2], self.client)
                 continue
             if not args:  # a queued protocol error: answer it, then close
