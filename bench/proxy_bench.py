@@ -125,6 +125,27 @@ def wait_ping(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: 
     raise RuntimeError(f"{what} on port {port} not ready after {timeout:g}s ({last})")
 
 
+def ready(procs: Procs, p: subprocess.Popen, port: int, what: str, log: Path) -> None:
+    try:
+        wait_ping(port, p, what, log)
+    except BaseException:
+        procs.stop(p)
+        raise
+
+
+def retry(fn, what: str, attempts: int = 3):
+    """Call fn(); on RuntimeError (a free port taken meanwhile, a benchmark run that broke) try again."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except RuntimeError as exc:
+            if i == attempts - 1:
+                raise
+            print(f"# {what} failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc}); retrying",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
 def tool_version(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -141,7 +162,7 @@ def start_redis(procs: Procs, work: Path, server: str) -> int:
     log = work / "redis.log"
     p = procs.start([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                      "--dir", str(work), "--daemonize", "no", "--protected-mode", "yes"], log)
-    wait_ping(port, p, "redis-server", log)
+    ready(procs, p, port, "redis-server", log)
     return port
 
 
@@ -157,7 +178,7 @@ def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: l
     p = procs.start([python, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
                      "--upstream", f"redis://127.0.0.1:{redis_port}", "--admin", f"127.0.0.1:{admin}",
                      "--log-level", "warning", *extra], log, cwd=str(proxy_dir), env=env)
-    wait_ping(port, p, "proxy", log)
+    ready(procs, p, port, "proxy", log)
     return port, admin
 
 
@@ -189,7 +210,7 @@ def start_twem(procs: Procs, work: Path, binary: str, redis_port: int, server_co
     if mbuf:
         argv += ["-m", str(mbuf)]
     p = procs.start(argv, work / "nutcracker.stdout")
-    wait_ping(port, p, "nutcracker", log)
+    ready(procs, p, port, "nutcracker", log)
     return port
 
 
@@ -318,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     walls: list[float] = []
     counted = None
     try:
-        redis_port = start_redis(procs, work, server)
-        proxy_port, admin_port = start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir)
+        redis_port = retry(lambda: start_redis(procs, work, server), "starting redis-server")
+        proxy_port, admin_port = retry(
+            lambda: start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir), "starting the proxy")
         targets = {"direct": redis_port, "proxy": proxy_port}
         if twem_bin:
-            targets["twem"] = start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections, args.twem_mbuf)
+            targets["twem"] = retry(lambda: start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections,
+                                                       args.twem_mbuf), "starting nutcracker")
         print(f"# redis-server :{redis_port}, proxy :{proxy_port} (admin :{admin_port})"
               + (f", twemproxy :{targets['twem']}" if "twem" in targets else "")
               + f"; {rounds} round(s), " + (f"-n {args.n}" if args.n else f"~{seconds:g}s per run"), file=out, flush=True)
@@ -335,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 # probe until it lasts long enough to time, then scale its wall time to --seconds
                 n = probe_n
                 for _ in range(4):
-                    _rps, wall = run_benchmark(procs, rb, port, shape_args, n, work, timeout=120)
+                    _rps, wall = retry(lambda: run_benchmark(procs, rb, port, shape_args, n, work, timeout=120),
+                                       f"calibration {shape} {tname}", 2)
                     if wall >= 0.4 * min(seconds, 1.0) or n >= 20_000_000:
                         break
                     n *= 4
@@ -344,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(rounds):
                 for tname, port in targets.items():
                     n = ns[(shape, tname)]
-                    rps, wall = run_benchmark(procs, rb, port, shape_args, n, work,
-                                              timeout=max(120.0, 30 * seconds))
+                    rps, wall = retry(lambda: run_benchmark(procs, rb, port, shape_args, n, work,
+                                                            timeout=max(120.0, 30 * seconds)),
+                                      f"{shape} round {rnd + 1} {tname}", 2)
                     walls.append(wall)
                     for test in TESTS:
                         results.setdefault((shape, test, tname), []).append(rps[test])
