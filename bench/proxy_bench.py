@@ -21,6 +21,10 @@ count so that each run (SET + GET) takes about ``--seconds`` (3 s; 1 s with ``--
     python bench/proxy_bench.py --quick            # 1 round, ~1 s runs
     python bench/proxy_bench.py --json out.json --min-ratio 0.3
     python bench/proxy_bench.py --extra-proxy-args="--loop asyncio"
+    python bench/proxy_bench.py --compare-tracking --no-twem   # key-pattern tracking on vs off
+
+``--compare-tracking`` adds a second proxy with ``--track-patterns false`` to the same interleaved
+rounds and prints the throughput with tracking on as a share of it off (the report feature's cost).
 
 Exit status: 0; 1 when ``--min-ratio`` is given and some proxy/direct ratio is below it; 2 when the
 benchmark could not run; 130 when interrupted.
@@ -169,7 +173,7 @@ def start_redis(procs: Procs, work: Path, server: str) -> int:
 def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: list[str],
                 proxy_dir: Path) -> tuple[int, int]:
     port, admin = free_port(), free_port()
-    log = work / "proxy.log"
+    log = work / f"proxy-{port}.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # keep the proxy's usage state (SQLite) in our temp dir, not in ~/.local/state/respmeter
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': to stdout, table to stderr)")
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 if any proxy/direct ratio is below this")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
+    ap.add_argument("--compare-tracking", action="store_true",
+                    help="also run a proxy with --track-patterns false and report tracking on / off")
     args = ap.parse_args(argv)
 
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
@@ -343,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         proxy_port, admin_port = retry(
             lambda: start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir), "starting the proxy")
         targets = {"direct": redis_port, "proxy": proxy_port}
+        if args.compare_tracking:
+            nt_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
+                                                   [*extra_proxy, "--track-patterns", "false"], args.proxy_dir),
+                               "starting the proxy without tracking")
+            targets["proxy_nt"] = nt_port
         if twem_bin:
             targets["twem"] = retry(lambda: start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections,
                                                        args.twem_mbuf), "starting nutcracker")
@@ -412,6 +423,18 @@ def main(argv: list[str] | None = None) -> int:
             })
     print(file=out)
     print_table(rows, out)
+    if args.compare_tracking:
+        print("\nkey-pattern tracking on / off (same run, medians):", file=out)
+        for shape, _a, _p in shapes:
+            for test in TESTS:
+                on = results.get((shape, test, "proxy"))
+                off = results.get((shape, test, "proxy_nt"))
+                if on and off:
+                    r = statistics.median(on) / statistics.median(off)
+                    print(f"  {shape:8} {test}: {r:.3f}", file=out)
+                    for row in rows:
+                        if row["shape"] == shape and row["test"] == test:
+                            row["tracking_ratio"] = r
     if counted is not None:
         print(f"\n# the proxy counted {counted:,} upstream commands", file=out)
     info = {

@@ -15,6 +15,9 @@ Contents
   as a real child process with its output captured to a log file.
 * :func:`commandstats` / :func:`commandstats_delta` -- ``INFO commandstats``
   as ``{command: calls + rejected_calls}``.
+* :func:`server_known_commands` / :func:`assert_counts_match` -- the commands a
+  server knows, and the proxy's per-command count compared with a
+  commandstats delta for exactly those.
 * :func:`parse_metrics` / :func:`metric_sum` -- Prometheus text exposition
   parsed into flat samples.
 
@@ -67,6 +70,8 @@ __all__ = [
     "commandstats",
     "parse_commandstats",
     "commandstats_delta",
+    "server_known_commands",
+    "assert_counts_match",
     "kill_all_children",
     "RespError",
     "RespPush",
@@ -1098,6 +1103,80 @@ def commandstats_delta(before: Mapping[str, int], after: Mapping[str, int]) -> d
     return out
 
 
+def server_known_commands(client: Any) -> frozenset[str]:
+    """The commands ``client``'s server knows, by commandstats name (``get``, ``client|setname``).
+
+    ``client`` is a redis-py client connected DIRECTLY to the server, or a
+    :class:`RespSocket`.  Uses ``COMMAND LIST``, which lists subcommands as
+    ``container|sub`` (Redis 7.0: 366 names; containers are listed too).
+
+    The call is itself counted by the server (as ``command|list``): make it
+    before a :func:`commandstats` baseline or after the final read, not in
+    between.
+    """
+    if isinstance(client, RespSocket):
+        names = client.call("COMMAND", "LIST")
+        if isinstance(names, RespError):
+            raise RuntimeError(f"COMMAND LIST failed: {names}")
+    else:
+        names = client.command_list()
+    out = frozenset((n.decode() if isinstance(n, bytes) else str(n)).lower() for n in names)
+    if "get" not in out or not any("|" in n for n in out):
+        raise RuntimeError(f"COMMAND LIST gave no commands/subcommands: {sorted(out)[:20]}")
+    return out
+
+
+def assert_counts_match(
+    proxy_counts: Mapping[str, float],
+    server_delta: Mapping[str, int],
+    server_known: Iterable[str],
+) -> dict[str, int]:
+    """Assert the proxy's billable count by command equals the server's commandstats delta.
+
+    ``proxy_counts`` is ``respmeter_upstream_commands_total`` by command,
+    ``server_delta`` a :func:`commandstats_delta`, ``server_known``
+    :func:`server_known_commands` of that server.
+
+    Every name the server knows is compared exactly (a missing entry is 0).
+    Only the names the server does NOT know are left out: the proxy's
+    ``unknown`` label and commands the proxy's table names but the server
+    rejects as unknown (Redis 7.0 and redis-py 5+'s ``CLIENT SETINFO``, counted
+    by the proxy as ``client|setinfo``); a server never lists those in
+    commandstats, which is asserted too, as is that each left-out name is
+    ``unknown`` or in the proxy's command table.
+
+    Returns the left-out part of ``proxy_counts`` (``{name: count}``) for
+    further checks.  The failure message is a name-by-name diff.
+    """
+    from proxy.commands import UNKNOWN, all_commands
+
+    known = frozenset(server_known)
+    proxy = {k: int(v) for k, v in proxy_counts.items() if v}
+    server = {k: int(v) for k, v in server_delta.items() if v}
+    names = set(proxy) | set(server)
+    excluded = {k for k in names if k not in known}
+    table = all_commands()
+    problems = []
+    for k in sorted(names - excluded):
+        if proxy.get(k, 0) != server.get(k, 0):
+            problems.append(f"  {k}: proxy={proxy.get(k, 0)} server={server.get(k, 0)}")
+    for k in sorted(excluded):
+        if k in server:
+            problems.append(f"  {k}: the server counted {server[k]} but does not list it in COMMAND LIST")
+        elif k != UNKNOWN and k not in table:
+            problems.append(f"  {k}: proxy={proxy.get(k, 0)}, a name neither the server nor the "
+                            f"proxy's command table knows")
+    if UNKNOWN in known:
+        problems.append(f"  the server knows a command named {UNKNOWN!r}")
+    left_out = {k: proxy[k] for k in sorted(excluded) if k in proxy}
+    assert not problems, (
+        "proxy respmeter_upstream_commands_total != server INFO commandstats:\n"
+        + "\n".join(problems)
+        + f"\n(left out, unknown to the server: {left_out})"
+    )
+    return left_out
+
+
 # --------------------------------------------------------------------------
 # raw RESP sockets (for tests where redis-py hides protocol details)
 # --------------------------------------------------------------------------
@@ -1268,7 +1347,8 @@ class CeleryWorker:
     ``url`` is the broker AND result backend URL (normally the proxy's).
     ``transport_options`` become ``broker_transport_options`` (JSON-able dict);
     ``worker_args`` are appended to the worker command line (e.g.
-    ``["--without-heartbeat"]``).  The app module (task ``rmapp.add``) is
+    ``["--without-heartbeat"]``); ``stop()`` waits ``stop_timeout`` seconds
+    for a warm shutdown before SIGKILL.  The app module (task ``rmapp.add``) is
     written to ``<workdir>/app``; the worker's output goes to
     ``<workdir>/worker.log``.  Registered for the session-end kill.
     """
@@ -1281,8 +1361,10 @@ class CeleryWorker:
         transport_options: Mapping[str, Any] | None = None,
         worker_args: Sequence[str] = (),
         loglevel: str = "info",
+        stop_timeout: float = 15.0,
     ) -> None:
         self.url = url
+        self.stop_timeout = stop_timeout
         self.workdir = Path(workdir)
         self.appdir = self.workdir / "app"
         self.log_path = self.workdir / "worker.log"
@@ -1340,7 +1422,9 @@ class CeleryWorker:
         # fields[0] is field 3 (state): utime and stime are fields 14 and 15
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (a warm shutdown), SIGKILL after ``timeout`` (default ``stop_timeout``) seconds."""
+        timeout = self.stop_timeout if timeout is None else timeout
         if self.proc is None:
             return None
         if self.proc.poll() is None:

