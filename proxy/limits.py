@@ -343,6 +343,19 @@ class Limits:
     def _capped(self, session: Session, args: list[bytes], name: str, pool: Pool, now: float) -> tuple[int, Any, str]:
         if self.stats is not None:
             self.stats.cap_rejections[pool.window] = self.stats.cap_rejections.get(pool.window, 0) + 1
+        if self.caps.on_cap == "idle" and not session.multi_view:
+            # Idle means: keep well-behaved workers quiet and alive. Health checks and event
+            # broadcasts get the answers they would get from a server with nobody listening, from
+            # the proxy itself (nothing is sent upstream, nothing is billed).
+            if name == "ping":
+                if session.protocol == 2 and session._subscribed():
+                    arg = args[1] if len(args) > 1 else b""
+                    return Admission.REPLY, b"*2\r\n$4\r\npong\r\n$%d\r\n%s\r\n" % (len(arg), arg), "local"
+                if len(args) > 1:
+                    return Admission.REPLY, b"$%d\r\n%s\r\n" % (len(args[1]), args[1]), "local"
+                return Admission.REPLY, b"+PONG\r\n", "local"
+            if name in ("publish", "spublish") and len(args) == 3:
+                return Admission.REPLY, b":0\r\n", "local"
         if self.caps.on_cap == "idle" and name in BLOCKING and not session.multi_view:
             timeout = _block_timeout(name, args)
             if timeout is not None:

@@ -255,29 +255,27 @@ class UpstreamConnection(asyncio.Protocol):
         session = c.session
         if session is None or session.closed:
             return
+        proxy = c.proxy
+        tls = proxy.settings.ssl_context is not None
         if exc is None:
-            reason = "upstream closed the connection"
-            c.proxy.stats.upstream_error("eof")
+            reason, kind = "upstream closed the connection", "eof"
         elif isinstance(exc, ssl.SSLError):
-            # e.g. TLS 1.3: a required client certificate is refused just after the handshake
-            reason = f"upstream TLS: {exc.reason or exc}"
-            c.proxy.stats.upstream_error("tls")
-            c.proxy.health.failed(reason)
+            reason, kind = f"upstream TLS: {exc.reason or exc}", "tls"
         else:
-            reason = f"upstream connection lost: {exc}"
-            c.proxy.stats.upstream_error("reset")
-            c.proxy.health.failed(reason)
-        log.debug("client %s: %s", session.peer, reason)
-        if not session.got_reply and c.proxy.settings.ssl_context is not None and not reason.startswith("upstream TLS"):
+            reason, kind = f"upstream connection lost: {exc}", "reset"
+        if not session.got_reply and tls and kind != "tls":
             # closed or reset right after the handshake, before any reply: TLS 1.3 servers do this
             # when they require a client certificate and got none (or a wrong one)
             reason = ("upstream TLS: the server dropped the connection after the handshake (does it "
                       f"require a client certificate?): {exc or 'closed'}")
+            kind = "tls"
+        proxy.stats.upstream_error(kind)
+        if exc is not None or kind == "tls":
+            proxy.health.failed(reason)
+        log.debug("client %s: %s", session.peer, reason)
         if not session.got_reply:
             # it broke before saying anything: the commands sent get a clear error, not a bare close
             session.upstream_failed(reason)
-            if session.fail_msg is None:
-                return
             c.upstream = None
             return
         session.upstream_lost(reason)

@@ -348,3 +348,26 @@ def test_state_dir_default_respects_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert default_state_dir() == tmp_path / "respmeter"
     monkeypatch.delenv("XDG_STATE_HOME")
     assert str(default_state_dir()).endswith(os.path.join(".local", "state", "respmeter"))
+
+
+def test_on_cap_idle_answers_health_checks_and_broadcasts_locally(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, CapConfig(daily=1, on_cap="idle"))
+    c = rig.session()
+    c.send([b"INCR", b"k"])
+    c.s.upstream_data(b":1\r\n")
+    c.client_out()
+    up = c.send([b"PING"], [b"PING", b"redis-py-health-check"], [b"PUBLISH", b"/0.celeryev/worker.heartbeat", b"{}"], [b"SET", b"a", b"1"])
+    assert up == b""  # nothing reaches the upstream
+    out = c.client_out()
+    assert out.startswith(b"+PONG\r\n$21\r\nredis-py-health-check\r\n:0\r\n-ERR respmeter: daily cap of 1")
+    assert rig.stats.commands[("anonymous", "ping", "local")] == 2
+    assert rig.stats.commands[("anonymous", "publish", "local")] == 1
+    assert rig.limits.used("daily") == 1
+    # with on_cap = "error" the same PING is refused
+    rig2 = Rig(tmp_path / "e", CapConfig(daily=1))
+    c2 = rig2.session()
+    c2.send([b"INCR", b"k"])
+    c2.s.upstream_data(b":1\r\n")
+    c2.client_out()
+    assert c2.send([b"PING"]) == b""
+    assert c2.client_out().startswith(b"-ERR respmeter: daily cap")
