@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': to stdout, table to stderr)")
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 if any proxy/direct ratio is below this")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
+    ap.add_argument("--with-forwarder", action="store_true",
+                    help="also run bench/forwarder.py: a zero-work Python pass-through, the ceiling of this architecture")
     ap.add_argument("--compare-tracking", action="store_true",
                     help="also run a proxy with --track-patterns false and report tracking on / off")
     args = ap.parse_args(argv)
@@ -349,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         proxy_port, admin_port = retry(
             lambda: start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir), "starting the proxy")
         targets = {"direct": redis_port, "proxy": proxy_port}
+        if args.with_forwarder:
+            def start_forwarder() -> int:
+                port = free_port()
+                log = work / "forwarder.log"
+                p = procs.start([args.python, str(REPO / "bench" / "forwarder.py"), str(port), str(redis_port)], log)
+                ready(procs, p, port, "forwarder", log)
+                return port
+
+            targets["forwarder"] = retry(start_forwarder, "starting the forwarder")
         if args.compare_tracking:
             nt_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
                                                    [*extra_proxy, "--track-patterns", "false"], args.proxy_dir),
@@ -423,6 +434,17 @@ def main(argv: list[str] | None = None) -> int:
             })
     print(file=out)
     print_table(rows, out)
+    if args.with_forwarder:
+        print("\nzero-work Python forwarder (the architecture's ceiling), same run, medians:", file=out)
+        for shape, _a, _p in shapes:
+            for test in TESTS:
+                fw = results.get((shape, test, "forwarder"))
+                d = results.get((shape, test, "direct"))
+                pr = results.get((shape, test, "proxy"))
+                if fw and d and pr:
+                    f, dd, p = statistics.median(fw), statistics.median(d), statistics.median(pr)
+                    print(f"  {shape:8} {test}: forwarder {f:>11,.0f} rps = {f / dd:.2f} of direct; "
+                          f"respmeter = {p / f:.2f} of the forwarder", file=out)
     if args.compare_tracking:
         print("\nkey-pattern tracking on / off (same run, medians):", file=out)
         for shape, _a, _p in shapes:
