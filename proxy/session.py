@@ -362,6 +362,7 @@ class Session:
     def _dispatch_batch(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
         """Fast path: a batch straight from the parser with nothing waiting before it."""
         now = self.clock()
+        self.hold_limit = None
         start = 0
         if (
             not (self.multi_view or self.reply_off or self.reply_skip)
@@ -455,6 +456,7 @@ class Session:
         if not self.connected or self.closed:
             return
         self.held = False
+        self.hold_limit = None  # set again by the policy if a rate limit holds us once more
         now = self.clock()
         out: list[bytes] = []
         waiting = self.waiting
