@@ -361,7 +361,32 @@ def _no_retry():
     return Retry(NoBackoff(), 0)
 
 
-class RedisServer:
+class _ChildProcess:
+    """What RedisServer and ProxyProcess share about their child process (``proc``, ``log_path``)."""
+
+    proc: subprocess.Popen | None
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the process wrote to its log so far (all starts)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class RedisServer(_ChildProcess):
     """A real ``redis-server`` bound to 127.0.0.1 on a free port.
 
     Parameters
@@ -450,23 +475,6 @@ class RedisServer:
         if password:
             cred += ":" + quote(password, safe="")
         return f"{self.scheme}://{cred}@{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.poll() if self.proc else None
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -745,7 +753,7 @@ def metric_sum(
 # --------------------------------------------------------------------------
 
 
-class ProxyProcess:
+class ProxyProcess(_ChildProcess):
     """The proxy started as a real subprocess.
 
     Command line::
@@ -806,24 +814,6 @@ class ProxyProcess:
     @property
     def admin_url(self) -> str:
         return f"http://{self.host}:{self.admin_port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.poll() if self.proc else None
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        """Everything the process wrote to stdout/stderr so far (all starts)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else f"exited({self.returncode})"
