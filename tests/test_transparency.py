@@ -508,3 +508,98 @@ def test_everything_on_one_proxy_counts_exactly(redis_factory, proxy_factory):
         if cmd in e.known:  # left out: "unknown" and what the server does not know (client|setinfo)
             per_cmd[cmd] = per_cmd.get(cmd, 0) + n
     assert per_cmd == {k: float(v) for k, v in delta.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the rest of the per-connection state the proxy must keep meaningful
+# --------------------------------------------------------------------------------------------
+
+
+def test_select_blmove_xread_block_wait_function(env):
+    p = env.proxy
+    r = p.client(protocol=3)
+    # SELECT: per-connection database, isolated from db 0
+    c1 = redis.Redis(host=p.host, port=p.port, db=1, protocol=2)
+    assert c1.set("sel", "one") is True
+    assert r.get("sel") is None
+    assert c1.get("sel") == b"one"
+    # BLMOVE that times out, then one served by another client while it blocks
+    assert r.blmove("src", "dst", 0.2, "LEFT", "RIGHT") is None
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("v", p.client().blmove("src2", "dst2", 5, "LEFT", "RIGHT")))
+    t.start()
+    time.sleep(0.3)
+    p.client().rpush("src2", "job")
+    t.join(10)
+    assert out["v"] == b"job"
+    # XREAD BLOCK: returns when another client adds an entry
+    r.xadd("st", {"a": "1"}, id="1-0")
+    res = {}
+    t = threading.Thread(target=lambda: res.setdefault("v", p.client(protocol=2).xread({"st": "$"}, block=5000)))
+    t.start()
+    time.sleep(0.3)
+    p.client().xadd("st", {"b": "2"}, id="2-0")
+    t.join(10)
+    assert res["v"] and res["v"][0][1][0][0] == b"2-0"
+    # WAIT (no replicas): answers 0 at once
+    assert r.wait(0, 100) == 0
+    # FUNCTION LOAD + FCALL (no redis.call inside, so the server counts nothing we cannot see)
+    code = "#!lua name=rmlib\nredis.register_function('rm_echo', function(keys, args) return args[1] end)"
+    assert r.function_load(code, replace=True) in ("rmlib", b"rmlib")
+    assert r.fcall("rm_echo", 0, "hi") in (b"hi", "hi")
+    env.assert_counts_exact()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_sharded_pubsub(env, protocol):
+    p = env.proxy
+    s = RespSocket(p.host, p.port)
+    if protocol == 3:
+        assert isinstance(s.call("HELLO", "3"), dict)
+    s.send(encode_resp("SSUBSCRIBE", "shard-a", "shard-b"))
+    confirmations = [s.read(), s.read()]
+    assert all(c[0] == b"ssubscribe" for c in confirmations), confirmations
+    pub = p.client()
+    assert pub.spublish("shard-a", "m1") == 1
+    msg = s.read()
+    assert list(msg) == [b"smessage", b"shard-a", b"m1"], msg
+    # replies still pair after the pushes
+    s.send(encode_resp("SUNSUBSCRIBE"))
+    assert [s.read()[0] for _ in range(2)] == [b"sunsubscribe", b"sunsubscribe"]
+    assert s.call("PING") in ("PONG", b"PONG")
+    s.close()
+    env.assert_counts_exact()
+
+
+def test_client_tracking_invalidations_are_pushes(env):
+    p = env.proxy
+    s = RespSocket(p.host, p.port)
+    assert isinstance(s.call("HELLO", "3"), dict)
+    assert s.call("CLIENT", "TRACKING", "ON") in ("OK", b"OK")
+    assert s.call("GET", "tracked") is None
+    p.client().set("tracked", "changed")  # another client: the server sends an invalidation push
+    time.sleep(0.2)
+    # the next reply on this connection must be GET's, with the push passed through beside it
+    s.send(encode_resp("GET", "tracked"))
+    seen = [s.read(), s.read()]
+    pushes = [x for x in seen if isinstance(x, RespPush)]
+    replies = [x for x in seen if not isinstance(x, RespPush)]
+    assert len(pushes) == 1 and pushes[0][0] == b"invalidate", seen
+    assert replies == [b"changed"], seen
+    s.close()
+    assert p.metric_sum("respmeter_push_messages_total", by=())[()] >= 1
+    env.assert_counts_exact()
+
+
+def test_monitor_streams_other_clients_commands(env):
+    p = env.proxy
+    m = RespSocket(p.host, p.port)
+    assert m.call("MONITOR") in ("OK", b"OK")
+    p.client().set("watched", "1")
+    lines = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(b'"watched"' in x for x in lines if isinstance(x, bytes)):
+        x = m.read()
+        lines.append(x if isinstance(x, bytes) else str(x).encode())
+    assert any(b'"set"' in x.lower() and b'"watched"' in x for x in lines), lines
+    m.close()
