@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -325,7 +326,14 @@ class Limits:
         else:
             need = 1 + extra
         if need:
-            stop = self._take(pools, need)
+            try:
+                stop = self._take(pools, need)
+            except sqlite3.Error as exc:
+                # fail closed: a command whose budget cannot be recorded is not sent
+                log.error("usage state unavailable: %s", exc)
+                return Admission.REPLY, encode_error(
+                    f"ERR respmeter: usage state unavailable ({exc}); command not sent, try again"
+                ), "rejected:state_unavailable"
             if stop is not None:
                 if session.multi_view and name not in ("exec", "discard"):
                     session.tx_doomed = True

@@ -22,7 +22,9 @@ from . import __version__
 
 OUTCOMES = ("ok", "error", "rejected", "local")
 # why the proxy refused a command (respmeter_rejections_total{reason})
-REJECTION_REASONS = ("cap", "rate_limit", "rate_limit_queue_full", "noauth", "auth_failed", "upstream_unavailable")
+REJECTION_REASONS = (
+    "cap", "rate_limit", "rate_limit_queue_full", "noauth", "auth_failed", "upstream_unavailable", "state_unavailable",
+)
 # upstream failure kinds exported from the start (others appear when they happen)
 UPSTREAM_ERROR_KINDS = ("connect_refused", "connect_timeout", "connect_error", "dns", "tls", "auth", "reset", "eof", "protocol")
 PROXY_CLIENT = "respmeter"  # client label of the commands the proxy sends on its own behalf

@@ -59,7 +59,9 @@ class Store:
         self.clock = clock
         self.host = socket.gethostname()
         self.owner = owner or f"{self.host}:{os.getpid()}:{time.time_ns()}"
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        # The proxy waits for the lock on its event loop: keep that short (a reservation that cannot
+        # be written fails closed, see Limits.admit).
+        self.db = sqlite3.connect(self.path, timeout=2, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL survives a killed process (the WAL is in the OS cache); FULL also survives power loss.
         self.db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))

@@ -371,3 +371,19 @@ def test_on_cap_idle_answers_health_checks_and_broadcasts_locally(tmp_path: Path
     c2.client_out()
     assert c2.send([b"PING"]) == b""
     assert c2.client_out().startswith(b"-ERR respmeter: daily cap")
+
+
+def test_unwritable_state_fails_closed(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, CapConfig(daily=100))
+
+    def broken(wants):  # noqa: ANN001, ANN202
+        import sqlite3
+
+        raise sqlite3.OperationalError("database is locked")
+
+    rig.store.reserve = broken  # type: ignore[method-assign]
+    c = rig.session()
+    assert c.send([b"INCR", b"k"]) == b""  # not sent: its budget could not be recorded
+    out = c.client_out()
+    assert out.startswith(b"-ERR respmeter: usage state unavailable (database is locked)")
+    assert rig.stats.rejections["state_unavailable"] == 1
