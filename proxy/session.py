@@ -445,7 +445,7 @@ class Session:
                 send_from = len(raw)
                 self.held = True
                 break
-            if kind == -1:  # forward replaced bytes
+            if kind == Admission.REPLACE:
                 self._write_upstream(payload)
             i += 1
         if send_from < len(raw):
