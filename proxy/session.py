@@ -700,8 +700,13 @@ class Session:
                     out.append(data[start:])
             if out:
                 self._write_client(b"".join(out))
-        if errors or self._err_tail or (self.framer.in_frame and b"-" in data):
+        if errors or self._err_tail:
             self._scan_errors(data, frames, was_in_frame)
+        else:
+            # an error reply may have begun at the end of this read: remember its start
+            tail = frames[-1][0] if frames else (len(data) if was_in_frame else 0)
+            if tail < len(data) and data[tail] == 45:  # '-'
+                self._scan_errors(data, frames, was_in_frame)
         self._maybe_close()
 
     def _scan_errors(self, data: bytes, frames: list, was_in_frame: bool) -> None:
