@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-try:
-    import support
-except ImportError:  # pragma: no cover
-    from tests import support  # type: ignore[no-redef]
 
 from support import (
     RespError,

@@ -13,17 +13,12 @@ The server behind the proxy is a private one whose default user may not run @dan
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import threading
 import time
 
 import pytest
 
-try:
-    import support
-except ImportError:  # pragma: no cover
-    from tests import support  # type: ignore[no-redef]
 
 from support import encode_resp
 

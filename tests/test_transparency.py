@@ -11,7 +11,6 @@ but never cross the proxy, so no proxy could count them.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -19,10 +18,6 @@ import time
 import pytest
 import redis
 
-try:
-    import support
-except ImportError:  # pragma: no cover
-    from tests import support  # type: ignore[no-redef]
 
 from support import (
     RespError,
