@@ -1,8 +1,8 @@
 """Command line: ``respmeter run`` and friends.
 
 Every ``run`` flag can also be given as an environment variable: ``--foo-bar`` is ``RESPMETER_FOO_BAR``
-(repeatable flags take a comma-separated list). Flags win over the environment, which wins over the
-defaults.
+(repeatable flags take a comma-separated list), and in the config file. Flags win over the
+environment, which wins over the config file (--config), which wins over the defaults.
 """
 
 from __future__ import annotations
@@ -20,14 +20,30 @@ from typing import Any
 from . import __version__
 from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
 
-from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool  # noqa: F401
+from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size  # noqa: F401
+
+
+def _shown_default(o: Option) -> str:
+    d = o.default
+    if o.multiple:
+        return ",".join(d) if d else "none"
+    if o.boolean:
+        return "off"
+    if d is None:
+        return "none"
+    if o.type is _size:
+        for unit, m in (("gb", 1024**3), ("mb", 1024**2), ("kb", 1024)):
+            if d % m == 0:
+                return f"{d // m}{unit}"
+    if isinstance(d, bool):
+        return "true" if d else "false"
+    return str(d)
 
 
 def _add_options(p: argparse.ArgumentParser, options: list[Option]) -> None:
     for o in options:
         kw: dict[str, Any] = {"dest": o.dest, "default": None}
-        default_text = ",".join(o.default) if o.multiple else o.default
-        help_text = f"{o.help} [env {o.env}; default {default_text}]"
+        help_text = f"{o.help} [env {o.env}; default {_shown_default(o)}]"
         if o.boolean:
             p.add_argument(o.flag, action="store_const", const=True, help=help_text, **kw)
             continue
@@ -120,6 +136,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, help="read this state directory instead of a running proxy")
     p.add_argument("--config", default=os.environ.get("RESPMETER_CONFIG"),
                    help="config file, for caps and timezone when reading --state-dir")
+    p.add_argument("--daily-cap", type=int, default=None, help="with --state-dir: the daily cap to report against")
+    p.add_argument("--monthly-cap", type=int, default=None, help="with --state-dir: the monthly cap to report against")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -249,6 +267,9 @@ def offline_limits(ns: argparse.Namespace) -> Any:
         values = file_layer(cfg)
         file_caps = cfg.caps
     opts = {o.dest: values.get(o.dest, o.default) for o in RUN_OPTIONS}
+    for cap in ("daily_cap", "monthly_cap"):
+        if getattr(ns, cap, None):
+            opts[cap] = getattr(ns, cap)
     import pathlib
 
     if not (pathlib.Path(ns.state_dir) / "usage.sqlite3").exists():

@@ -43,7 +43,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .auth import AuthConfigError, User, parse_users
 from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
-from .options import RUN_OPTIONS, Option
+from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
+from .options import RUN_OPTIONS, Option, _bool
 
 TOP_KEYS = {"proxy", "caps", "rate_limit", "users"}
 CAP_KEYS = {"daily", "monthly", "timezone", "on_cap", "clients"}
@@ -125,7 +126,11 @@ def _convert(o: Option, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("must be a string or a list of strings")
         return [o.type(v) for v in value]
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    if isinstance(value, bool):
+        if o.type is _bool:
+            return value
+        raise ValueError("must be a string or a number")
+    if not isinstance(value, (str, int, float)):
         raise ValueError("must be a string or a number")
     v = o.type(str(value)) if not isinstance(value, str) or o.type is not str else value
     if o.choices and v not in o.choices:
@@ -175,6 +180,11 @@ def load_config(path: str) -> FileConfig:
             cfg.values[dest] = _convert(o, value)
         except (ValueError, argparse.ArgumentTypeError) as exc:
             ck.problem(["proxy", key], str(exc))
+            continue
+        try:
+            _check_value(dest, cfg.values[dest])
+        except ConfigError as exc:
+            ck.problem(["proxy", key], str(exc).split(": ", 1)[-1])
 
     caps = data.get("caps", {})
     if not isinstance(caps, dict):
@@ -245,6 +255,15 @@ def load_config(path: str) -> FileConfig:
         names.add(rule.name)
         cfg.rules.append(rule)
 
+    listens = cfg.values.get("listen") or []
+    try:
+        open_listens = [x for x in listens if not parse_listen(x).is_loopback]
+    except ConfigError:
+        open_listens = []
+    if open_listens and "users" not in data and not cfg.values.get("users") and not cfg.values.get("allow_unauthenticated"):
+        ck.problem(["proxy", "listen"], f"listening on {', '.join(open_listens)} needs client authentication "
+                   "([users] or users = FILE) or allow_unauthenticated = true")
+
     if "users" in data:
         try:
             cfg.users = parse_users({"users": data["users"]}, path)
@@ -257,6 +276,22 @@ def load_config(path: str) -> FileConfig:
                 ck.problem(["users"], msg.split(": ", 1)[-1])
     cfg.problems.extend(ck.problems)
     return cfg
+
+
+def _check_value(dest: str, value: Any) -> None:
+    """The checks `run` makes on an option's value, for check-config (raises ConfigError)."""
+    if dest == "upstream":
+        parse_upstream(value)
+    elif dest == "listen":
+        for x in value:
+            parse_listen(x)
+    elif dest == "admin":
+        parse_hostport(value, "--admin")
+    elif dest in ("upstream_password_file", "users", "upstream_ca", "upstream_cert", "upstream_key", "tls_cert", "tls_key"):
+        import os
+
+        if not os.path.isfile(value):
+            raise ConfigError(f"--{dest.replace('_', '-')}: no such file: {value}")
 
 
 def rule_from_dict(spec: dict[str, Any], default_name: str) -> RateRule:

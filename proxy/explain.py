@@ -38,6 +38,7 @@ class Source:
     description: str
     match: list[tuple[str, re.Pattern[str]]]
     group: tuple[frozenset[str], int] | None = None
+    requires: tuple[str, ...] = ()
     per_instance_per_day: float | None = None
     period: float | None = None
     knobs: list[Knob] = field(default_factory=list)
@@ -74,6 +75,7 @@ def load_sources(text: str | None = None) -> list[Source]:
                     description=s.get("description", ""),
                     match=[(m["command"], re.compile(m.get("pattern", ""))) for m in s["match"]],
                     group=group,
+                    requires=tuple(s.get("requires", ())),
                     per_instance_per_day=s.get("per_instance_per_day"),
                     period=s.get("period"),
                     knobs=[Knob(k["setting"], k["effect"], k.get("keep"), k.get("interval")) for k in s.get("knobs", [])],
@@ -86,10 +88,18 @@ def load_sources(text: str | None = None) -> list[Source]:
 
 
 def classify(rows: list[dict[str, Any]], sources: list[Source]) -> list[str | None]:
-    """The source id of each row (None: unrecognised)."""
+    """The source id of each row (None: unrecognised). Sources with ``requires`` claim rows only when
+    a source they name was recognised without them (a second pass)."""
     by_pattern: dict[str, set[str]] = {}
     for r in rows:
         by_pattern.setdefault(r["pattern"], set()).add(r["command"])
+    first = _classify(rows, [s for s in sources if not s.requires], by_pattern)
+    seen = {sid for sid in first if sid is not None}
+    allowed = [s for s in sources if not s.requires or any(x.startswith(s.requires) for x in seen)]
+    return _classify(rows, allowed, by_pattern)
+
+
+def _classify(rows: list[dict[str, Any]], sources: list[Source], by_pattern: dict[str, set[str]]) -> list[str | None]:
     out: list[str | None] = []
     for r in rows:
         found = None
@@ -290,5 +300,12 @@ def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
         first = f if first is None else min(first, f)
         last = la if last is None else max(last, la)
     rows.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["pattern"]))
+    # the time the proxy ran today (not just from the first to the last command seen): idle time
+    # counts, or a short burst would be projected as if it went on all day
+    day_start = limits.bounds["daily"][0]
+    for a, b in store.alive_spans():
+        if b >= day_start and first is not None:
+            first = min(first, max(a, day_start))
+            last = max(last, b)
     span = (last - first) if first is not None and last is not None else 0.0
     return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "state"}

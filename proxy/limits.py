@@ -351,6 +351,9 @@ class Limits:
     def _capped(self, session: Session, args: list[bytes], name: str, pool: Pool, now: float) -> tuple[int, Any, str]:
         if self.stats is not None:
             self.stats.cap_rejections[pool.window] = self.stats.cap_rejections.get(pool.window, 0) + 1
+        if name == "quit":  # leaving is always allowed, and costs nothing
+            session.close_after_reply = True
+            return Admission.REPLY, b"+OK\r\n", "local"
         if self.caps.on_cap == "idle" and not session.multi_view:
             # Idle means: keep well-behaved workers quiet and alive. Health checks and event
             # broadcasts get the answers they would get from a server with nobody listening, from
@@ -396,12 +399,14 @@ class Limits:
             b.at = now
             if b.tokens >= 1.0:
                 b.tokens -= 1.0
+                session.throttle_noted = False
                 continue
             if rule.action == "reject":
                 self._throttled(rule, "reject")
                 return Admission.REPLY, encode_error(f"ERR respmeter: rate limit {rule.name} exceeded"), "rejected:rate_limit"
             wait = (1.0 - b.tokens) / rule.rate
-            if not session.held:
+            if not session.throttle_noted:  # once per command, however often it is looked at
+                session.throttle_noted = True
                 self._throttled(rule, "delay")
             session.hold_limit = rule.max_queue
             session.hold_reject = encode_error(f"ERR respmeter: rate limit {rule.name} exceeded (queue full)")

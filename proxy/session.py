@@ -170,6 +170,7 @@ class Session:
         self.tx_spare = 0  # cap budget kept for the EXEC/DISCARD of an open transaction
         self.tx_doomed = False  # a queued command hit the cap: EXEC will discard
         self.idle_until: float | None = None  # on_cap = "idle": when the held blocking command answers
+        self.throttle_noted = False  # the held command was counted in respmeter_throttled_total
         self.hold_limit: int | None = None  # while held for a rate limit: most commands that may wait
         self.hold_reject = b""
         self.on_close: list[Callable[[], None]] = []
@@ -444,6 +445,7 @@ class Session:
                     self.waiting.append((rest[0], raw[rest[1] : rest[2]]))
                 send_from = len(raw)
                 self.held = True
+                self._enforce_hold_limit()
                 break
             if kind == Admission.REPLACE:
                 self._write_upstream(payload)
@@ -485,6 +487,7 @@ class Session:
             kind, payload = verdict
             if kind == Admission.WAIT:
                 self.held = True
+                self._enforce_hold_limit()
                 break
             waiting.popleft()
             if kind == Admission.REPLACE:
@@ -495,6 +498,18 @@ class Session:
         if out:
             self._write_upstream(b"".join(out))
         self._maybe_close()
+
+    def _enforce_hold_limit(self) -> None:
+        """Held by a rate limit: commands beyond its queue bound (the held one included in the count)
+        are refused in their turn, keeping no arguments."""
+        limit = self.hold_limit
+        waiting = self.waiting
+        if limit is None or len(waiting) <= limit:
+            return
+        for i in range(limit, len(waiting)):
+            entry = waiting[i]
+            if entry[0]:
+                waiting[i] = ([], self.hold_reject, cmdtable.command_name(entry[0]))
 
     def resume(self) -> None:
         """Called by the policy layer when a held command may be looked at again."""

@@ -59,6 +59,7 @@ class Store:
         self.clock = clock
         self.host = socket.gethostname()
         self.owner = owner or f"{self.host}:{os.getpid()}:{time.time_ns()}"
+        self.started = clock()
         # The proxy waits for the lock on its event loop: keep that short (a reservation that cannot
         # be written fails closed, see Limits.admit).
         self.db = sqlite3.connect(self.path, timeout=2, isolation_level=None, check_same_thread=False)
@@ -116,6 +117,12 @@ class Store:
                 [(n, now, win, scope, self.owner) for win, scope, n in spent],
             )
             db.execute("UPDATE lease SET beat=? WHERE owner=?", (now, self.owner))
+            # when this process was alive, for reports on a stopped proxy's state
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "value = substr(value, 1, instr(value, ',')) || ?",
+                ("alive:" + self.owner, f"{self.started},{now}", str(now)),
+            )
             db.executemany(
                 "UPDATE lease SET reserved = MAX(spent, reserved - ?) WHERE win=? AND scope=? AND owner=?",
                 [(n, win, scope, self.owner) for win, scope, n in release],
@@ -179,6 +186,17 @@ class Store:
         return list(
             self.db.execute("SELECT client, command, pattern, n, first, last FROM patterns WHERE win=?", (win,))
         )
+
+    def alive_spans(self) -> list[tuple[float, float]]:
+        """(first, last) flush time of every process that used this state directory."""
+        out = []
+        for (value,) in self.db.execute("SELECT value FROM meta WHERE key LIKE 'alive:%'"):
+            try:
+                a, b = value.split(",", 1)
+                out.append((float(a), float(b)))
+            except ValueError:
+                continue
+        return out
 
     def windows(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT win FROM counts UNION SELECT DISTINCT win FROM lease")]

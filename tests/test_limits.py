@@ -387,3 +387,33 @@ def test_unwritable_state_fails_closed(tmp_path: Path) -> None:
     out = c.client_out()
     assert out.startswith(b"-ERR respmeter: usage state unavailable (database is locked)")
     assert rig.stats.rejections["state_unavailable"] == 1
+
+
+def test_rate_limit_queue_bound_applies_to_pipelines_and_counts_each_delay_once(tmp_path: Path) -> None:
+    rule = RateRule("polling", parse_rate("6/min"), burst=1, command="brpop", action="delay", max_queue=2)
+    rig = Rig(tmp_path, CapConfig(), [rule])
+    c = rig.session()
+    c.send([b"BRPOP", b"q", b"1"])  # takes the only token
+    # one pipeline: the held BRPOP and four GETs behind it; only max_queue (2) may wait
+    assert c.send([b"BRPOP", b"q", b"1"], *[[b"GET", b"k%d" % i] for i in range(4)]) == b""
+    for _ in range(3):  # a timer that fires early looks at the held command again
+        rig.clock.t += 1
+        rig.timers.fire()
+    assert rig.limits.throttled[("polling", "delay")] == 1
+    rig.clock.t += 10
+    rig.timers.fire()
+    assert c.to_upstream[-1] == encode_command([b"BRPOP", b"q", b"1"]) + encode_command([b"GET", b"k0"])
+    c.s.upstream_data(b"*-1\r\n*-1\r\n$-1\r\n")
+    assert c.client_out().count(b"rate limit polling exceeded (queue full)") == 3
+    assert rig.stats.rejections["rate_limit_queue_full"] == 3
+
+
+def test_quit_at_the_cap_is_answered(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, CapConfig(daily=1))
+    c = rig.session()
+    c.send([b"INCR", b"k"])
+    c.s.upstream_data(b":1\r\n")
+    c.client_out()
+    assert c.send([b"QUIT"]) == b""
+    assert c.client_out() == b"+OK\r\n"
+    assert c.s.closed
