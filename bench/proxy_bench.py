@@ -40,7 +40,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FORBIDDEN_PORTS = {6379}  # the machine's own Redis: never started on, never connected to
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # name, extra redis-benchmark args, request count used for the calibration run
 SHAPES = [
@@ -62,79 +61,8 @@ TESTS = ["SET", "GET"]
 TARGET_NAMES = ["direct", "proxy", "twem"]
 
 
-# --------------------------------------------------------------------------------------------
-# processes
-# --------------------------------------------------------------------------------------------
-class Procs:
-    """Every child this script starts; all are stopped on exit, Ctrl-C or SIGTERM."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        with open(log, "wb") as fh:
-            # own session: a terminal Ctrl-C reaches only this script, which stops the children
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True, **kw)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                p.wait(5)
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def stop_all(self) -> None:
-        for p in reversed(list(self.procs)):
-            self.stop(p)
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in FORBIDDEN_PORTS:
-            return port
-    raise RuntimeError("no free loopback port")
-
-
-def wait_ping(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 15.0) -> None:
-    """Until PING on 127.0.0.1:port answers +PONG (bounded)."""
-    assert port not in FORBIDDEN_PORTS
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-            raise RuntimeError(f"{what} exited with status {proc.returncode}:\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                data = s.recv(64)
-                if data.startswith(b"+PONG"):
-                    return
-                last = data.decode(errors="replace").strip()
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} on port {port} not ready after {timeout:g}s ({last})")
-
-
-def ready(procs: Procs, p: subprocess.Popen, port: int, what: str, log: Path) -> None:
-    try:
-        wait_ping(port, p, what, log)
-    except BaseException:
-        procs.stop(p)
-        raise
+from harness import FORBIDDEN_PORTS, Procs, free_port, ready  # noqa: E402
+from harness import start_proxy as _start_proxy  # noqa: E402
 
 
 def retry(fn, what: str, attempts: int = 3):
@@ -172,17 +100,7 @@ def start_redis(procs: Procs, work: Path, server: str) -> int:
 
 def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: list[str],
                 proxy_dir: Path) -> tuple[int, int]:
-    port, admin = free_port(), free_port()
-    log = work / f"proxy-{port}.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # keep the proxy's usage state (SQLite) in our temp dir, not in ~/.local/state/respmeter
-    env["RESPMETER_STATE_DIR"] = str(work / "proxy-state")
-    env["XDG_STATE_HOME"] = str(work / "xdg-state")
-    p = procs.start([python, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
-                     "--upstream", f"redis://127.0.0.1:{redis_port}", "--admin", f"127.0.0.1:{admin}",
-                     "--log-level", "warning", *extra], log, cwd=str(proxy_dir), env=env)
-    ready(procs, p, port, "proxy", log)
+    port, admin, _ = _start_proxy(procs, work, python, redis_port, extra, proxy_dir)
     return port, admin
 
 

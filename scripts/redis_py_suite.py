@@ -47,7 +47,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -62,7 +61,9 @@ DEFAULT_TESTS = ["tests/test_commands.py", "tests/test_pubsub.py", "tests/test_p
 # standalone selection, as redis-py runs it against a single server: cluster-only tests need a
 # cluster, replica tests a replica at the hard-coded localhost:6380
 DEFAULT_MARKERS = "not onlycluster and not replica"
-FORBIDDEN_PORTS = {6379}  # the machine's own Redis: never started on, never connected to
+sys.path.insert(0, str(REPO / "bench"))
+import harness  # noqa: E402
+from harness import Procs, free_port, wait_ping  # noqa: E402
 
 GUARD_PLUGIN = r'''
 """Written by respmeter's scripts/redis_py_suite.py: confine the suite's sockets to our servers."""
@@ -120,71 +121,6 @@ socket.socket.connect_ex = _connect_ex
 # --------------------------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------------------------
-class Procs:
-    """Every child this script starts; all are stopped on exit, Ctrl-C or SIGTERM."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        fh = open(log, "wb")
-        try:
-            # own session: a Ctrl-C in the terminal reaches only us; we stop the children in order
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                 start_new_session=True, **kw)
-        finally:
-            fh.close()
-        self.procs.append((name, p))
-        return p
-
-    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                p.wait(5)
-        self.procs = [(n, q) for n, q in self.procs if q is not p]
-
-    def stop_all(self) -> None:
-        for _name, p in reversed(list(self.procs)):
-            self.stop(p)
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in FORBIDDEN_PORTS:
-            return port
-    raise RuntimeError("no free loopback port")
-
-
-def wait_ping(port: int, proc: subprocess.Popen, what: str, timeout: float = 15.0) -> None:
-    """Until ``PING`` on 127.0.0.1:port answers ``+PONG`` (bounded)."""
-    assert port not in FORBIDDEN_PORTS
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                data = s.recv(64)
-                if data.startswith(b"+PONG"):
-                    return
-                last = data.decode(errors="replace").strip()
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} on port {port} not ready after {timeout}s ({last})")
-
-
 def start_redis(procs: Procs, workdir: Path, tag: str, server: str) -> tuple[int, subprocess.Popen]:
     port = free_port()
     d = workdir / f"redis-{tag}"
@@ -196,24 +132,14 @@ def start_redis(procs: Procs, workdir: Path, tag: str, server: str) -> tuple[int
         # a few suite tests use DEBUG / MODULE; allow them (same for both runs)
         "--enable-debug-command", "local", "--enable-module-command", "local",
     ]
-    p = procs.start(f"redis-{tag}", argv, d / "redis.log")
-    wait_ping(port, p, "redis-server")
+    p = procs.start(argv, d / "redis.log")
+    wait_ping(port, p, "redis-server", d / "redis.log")
     return port, p
 
 
 def start_proxy(procs: Procs, workdir: Path, python: str, redis_port: int, extra: list[str],
                 tag: str, proxy_dir: Path) -> tuple[int, subprocess.Popen]:
-    port, admin = free_port(), free_port()
-    argv = [python, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}",
-            "--upstream", f"redis://127.0.0.1:{redis_port}", "--admin", f"127.0.0.1:{admin}",
-            "--log-level", "warning", *extra]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(proxy_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # keep the proxy's usage state (SQLite) in our temp dir, not in ~/.local/state/respmeter
-    env["RESPMETER_STATE_DIR"] = str(workdir / f"proxy-state-{tag}")
-    env["XDG_STATE_HOME"] = str(workdir / "xdg-state")
-    p = procs.start(f"proxy-{tag}", argv, workdir / f"proxy-{tag}.log", cwd=str(proxy_dir), env=env)
-    wait_ping(port, p, "proxy")
+    port, _admin, p = harness.start_proxy(procs, workdir, python, redis_port, extra, proxy_dir, tag)
     return port, p
 
 
