@@ -367,6 +367,20 @@ class _ChildProcess:
     proc: subprocess.Popen | None
     log_path: Path
 
+    def _close_clients(self) -> None:  # overridden by classes that hand out clients
+        pass
+
+    def kill(self) -> int | None:
+        """SIGKILL and reap (a crash); return the exit code (``-9``). It can be started again."""
+        self._close_clients()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        _unregister(self.proc)
+        return self.proc.returncode
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
@@ -669,19 +683,6 @@ class RedisServer(_ChildProcess):
             shutil.rmtree(self.workdir, ignore_errors=True)
         return rc
 
-    def kill(self) -> int | None:
-        """SIGKILL immediately (simulates a crash); return the exit code.
-
-        The object can be :meth:`start`-ed again (on a new port).
-        """
-        self._close_clients()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        _unregister(self.proc)
-        return self.proc.returncode
 
     def __enter__(self) -> "RedisServer":
         return self.start()
@@ -955,16 +956,6 @@ class ProxyProcess(_ChildProcess):
 
     stop = terminate
 
-    def kill(self) -> int | None:
-        """SIGKILL and reap; return the exit code (``-9``)."""
-        self._close_clients()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        _unregister(self.proc)
-        return self.proc.returncode
 
     def __enter__(self) -> "ProxyProcess":
         return self.start()
