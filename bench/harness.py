@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,21 @@ class Procs:
     def stop_all(self) -> None:
         for p in reversed(list(self.procs)):
             self.stop(p)
+
+    def cleanup(self, work: Path, keep: bool) -> None:
+        """Stop every child (a second Ctrl-C must not cut this short), then remove ``work``."""
+        import shutil
+        import signal
+
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.stop_all()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+        if keep:
+            print(f"# kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def free_port() -> int:

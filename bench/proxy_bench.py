@@ -326,15 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         args.keep = True
         return 2
     finally:
-        # a second Ctrl-C must not cut the cleanup short
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        signal.signal(signal.SIGINT, old_int)
+        procs.cleanup(work, args.keep)
         signal.signal(signal.SIGTERM, old_term)
-        if args.keep:
-            print(f"# kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     for shape, _a, _p in shapes:

@@ -555,7 +555,7 @@ class App:
         state_dir = opts["state_dir"] or str(default_state_dir())
         try:
             store = Store(state_dir)
-        except (OSError, Exception) as exc:  # sqlite3.Error too
+        except Exception as exc:  # noqa: BLE001 - OSError, sqlite3.Error: say why and stop
             self.log.error("state directory %s: %s", state_dir, exc)
             return 2
         if opts["track_patterns"]:

@@ -440,15 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"redis_py_suite: {exc}", file=sys.stderr)
         return 2
     finally:
-        # a second Ctrl-C must not cut the cleanup short
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
-        signal.signal(signal.SIGINT, old_int)
+        procs.cleanup(workdir, args.keep)
         signal.signal(signal.SIGTERM, old_term)
-        if args.keep:
-            print(f"# kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     report(results, args.verbose)
     if args.json:
