@@ -22,13 +22,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# a C compiler for proxy/_speedups.c, the per-command hot path (only in this stage)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # README* is optional for the build (pyproject's readme); pyproject.toml makes the COPY non-empty
-COPY pyproject.toml README* ./
+COPY pyproject.toml setup.py README* ./
 COPY proxy ./proxy
-# tzdata: IANA zones for --cap-timezone without relying on the OS zoneinfo
+# tzdata: IANA zones for --cap-timezone without relying on the OS zoneinfo. The extension is optional
+# to pip (a machine without a compiler still installs, in pure Python); the image insists on it.
 RUN python -m venv /opt/respmeter \
  && /opt/respmeter/bin/pip install . tzdata \
- && /opt/respmeter/bin/respmeter --version
+ && /opt/respmeter/bin/respmeter --version | tee /dev/stderr | grep -q "hot path: C"
 
 # ---- runtime: slim, non-root ----------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -19,8 +19,8 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
-
 from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size  # noqa: F401
+from .resp import hot_path
 
 
 def _shown_default(o: Option) -> str:
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A Redis-protocol proxy that counts every command, exports Prometheus metrics "
         "and protects per-command-billed Redis plans.",
     )
-    p.add_argument("--version", action="version", version=f"respmeter {__version__}")
+    p.add_argument("--version", action="version", version=f"respmeter {__version__} (hot path: {hot_path()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy", description="Run the proxy. " + (__doc__ or "").split("\n\n")[1])
     _add_options(run, RUN_OPTIONS)
@@ -601,7 +601,11 @@ class App:
             await proxy.shutdown(0)
             return 1
         self.log.info(
-            "respmeter %s proxying to %s (loop: %s)", __version__, upstream.masked(), self.loop_name
+            "respmeter %s proxying to %s (loop: %s, hot path: %s)",
+            __version__,
+            upstream.masked(),
+            self.loop_name,
+            hot_path(),
         )
         stop = asyncio.Event()
         signals = 0

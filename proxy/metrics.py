@@ -119,14 +119,14 @@ class Stats:
         self.on_quota: Callable[[str], None] | None = None  # told the upstream's quota error text
 
     # -- hot path helpers ---------------------------------------------------------------
-    def count_command(self, client: str, command: str, outcome: str) -> None:
+    def count_command(self, client: str, command: str, outcome: str, n: int = 1) -> None:
         """``outcome`` may carry a reason: "rejected:cap" counts as outcome "rejected", reason "cap"."""
         if ":" in outcome:
             outcome, _, reason = outcome.partition(":")
-            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+            self.rejections[reason] = self.rejections.get(reason, 0) + n
         key = (client, command, outcome)
         d = self.commands
-        d[key] = d.get(key, 0) + 1
+        d[key] = d.get(key, 0) + n
 
     def count_upstream(self, client: str, command: str, n: int = 1) -> None:
         key = (client, command)

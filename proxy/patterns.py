@@ -17,9 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import commands as cmdtable
+from .resp import (
+    NOKEY,  # commands without a key (PING, PUBLISH's channel is not a key, ...)
+)
 
 OTHER = "other"
-NOKEY = "-"  # commands without a key (PING, PUBLISH's channel is not a key, ...)
 
 _UUID = re.compile(rb"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 _HEX = re.compile(rb"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{8,}(?![0-9A-Za-z])")

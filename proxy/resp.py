@@ -16,19 +16,30 @@ Both keep a bound on what they hold for an incomplete frame.
 
 from __future__ import annotations
 
+import os
 import re
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 try:  # optional accelerator for the common case (see RequestParser._fast)
     import hiredis as _hiredis
 except ImportError:  # pragma: no cover - hiredis is a declared dependency
     _hiredis = None
 
+# The C twin of this module's hot path (proxy/_speedups.c), built at install time when a compiler is
+# there. RESPMETER_PURE_PYTHON=1 turns it off (the tests run both and compare them).
+_speedups: Any = None
+if os.environ.get("RESPMETER_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _speedups
+    except ImportError:
+        _speedups = None
+
 __all__ = [
     "ProtocolError",
     "RequestParser",
     "ReplyFramer",
+    "PyReplyFramer",
     "Frame",
     "KIND_NORMAL",
     "KIND_ERROR",
@@ -37,6 +48,8 @@ __all__ = [
     "encode_command",
     "encode_error",
     "split_inline",
+    "expand",
+    "hot_path",
 ]
 
 CRLF = b"\r\n"
@@ -48,6 +61,17 @@ MAX_MULTIBULK = 2**31 - 1  # INT_MAX, as Redis checks it
 
 class ProtocolError(Exception):
     """Input that can never become a valid frame. The message is Redis's wording, without ``ERR``."""
+
+
+NOKEY = "-"  # the key pattern of a command without a key (proxy.patterns re-exports it)
+if _speedups is not None:
+    _speedups.init(ProtocolError, NOKEY)
+_c_scan = _speedups.scan if _speedups is not None else None
+
+
+def hot_path() -> str:
+    """Which implementation frames requests and replies: "C" or "Python"."""
+    return "C" if _speedups is not None else "Python"
 
 
 def _strict_int(line: bytes, allow_negative: bool) -> int:
@@ -152,6 +176,13 @@ class RequestParser:
 
     Memory: an incomplete request holds at most ``max_query`` bytes; a bulk is never copied more than
     twice however it is split, and a long multibulk resumes where it stopped instead of starting over.
+
+    Runs: given ``names`` (lower-case command name -> ``(entry, keyed)``) and the C accelerator, a run
+    of consecutive commands found in ``names`` comes back as one item ``(entry, pattern, n, start,
+    end)`` instead of ``n`` argument lists (see proxy/_speedups.c); ``pattern`` is None unless
+    ``fast`` (raw first key -> key pattern) is given, and a command whose pattern ``fast`` does not
+    know comes back with its arguments. :func:`expand` turns runs back into commands. :attr:`framed`
+    is the number of commands the last feed returned, runs counted in full.
     """
 
     __slots__ = (
@@ -167,9 +198,18 @@ class RequestParser:
         "_remaining",
         "error",
         "_hr",
+        "_names",
+        "_fastpat",
+        "framed",
     )
 
-    def __init__(self, max_bulk: int = DEFAULT_MAX_BULK, max_query: int = DEFAULT_MAX_QUERY) -> None:
+    def __init__(
+        self,
+        max_bulk: int = DEFAULT_MAX_BULK,
+        max_query: int = DEFAULT_MAX_QUERY,
+        names: dict[bytes, tuple[Any, bool]] | None = None,
+        fast: dict[bytes, str] | None = None,
+    ) -> None:
         self.max_bulk = max_bulk
         self.max_query = max_query
         self._buf = b""  # unscanned bytes; scanning always starts at 0
@@ -181,7 +221,10 @@ class RequestParser:
         self._args: list[bytes] | None = None  # arguments of the current request so far
         self._remaining = 0  # bulks the current request still expects
         self.error: str | None = None
-        self._hr = _hiredis.Reader(notEnoughData=_NEED) if _hiredis is not None else None
+        self._hr = _hiredis.Reader(notEnoughData=_NEED) if _hiredis is not None and _c_scan is None else None
+        self._names = names if names is not None else {}
+        self._fastpat = fast
+        self.framed = 0
 
     @property
     def buffered(self) -> int:
@@ -193,8 +236,9 @@ class RequestParser:
         """True while part of a request is held."""
         return bool(self._consumed_len or self._buf or self._chunks_len)
 
-    def feed(self, data: bytes) -> tuple[list[tuple[list[bytes], int, int]], bytes]:
+    def feed(self, data: bytes) -> tuple[list[Any], bytes]:
         if self.error is not None:
+            self.framed = 0
             return [], b""
         if (
             self._hr is not None
@@ -207,14 +251,17 @@ class RequestParser:
         ):
             fast = self._fast(data)
             if fast is not None:
+                self.framed = len(fast[0])
                 return fast
         if self._chunks or len(self._buf) + len(data) < self._need:
             self._chunks.append(data)
             self._chunks_len += len(data)
             if self._consumed_len + len(self._buf) + self._chunks_len > self.max_query:
                 self.error = "Protocol error: query buffer limit exceeded"
+                self.framed = 0
                 return [], b""
             if len(self._buf) + self._chunks_len < self._need:
+                self.framed = 0
                 return [], b""
             self._buf += b"".join(self._chunks)
             self._chunks.clear()
@@ -223,7 +270,35 @@ class RequestParser:
             self._buf += data
         else:
             self._buf = data
-        return self._scan()
+        if _c_scan is not None and self._args is None and self._buf[:1] == b"*":
+            return self._scan_c()
+        cmds, raw = self._scan()
+        self.framed = len(cmds)
+        return cmds, raw
+
+    def _scan_c(self) -> tuple[list[Any], bytes]:
+        """Frame from a request boundary in C; the Python parser takes over where C stops short."""
+        buf = self._buf
+        items, end, need, framed = _c_scan(buf, 0, self.max_bulk, self._names, self._fastpat)
+        n = len(buf)
+        if need >= 0:
+            self._buf = buf[end:] if end < n else b""
+            self._need = need
+            self.framed = framed
+            if len(self._buf) > self.max_query:
+                self.error = "Protocol error: query buffer limit exceeded"
+            return items, (buf[:end] if end < n else buf)
+        # something for the exact parser (an inline command, a malformed or very large request)
+        self._buf = buf[end:]
+        self._need = 0
+        more, raw = self._scan()
+        self.framed = framed + len(more)
+        if not end:
+            return more, raw
+        if more:
+            items.extend([(a, s + end, e + end) for a, s, e in more])
+            return items, buf[:end] + raw
+        return items, buf[:end]
 
     def _fast(self, data: bytes) -> tuple[list[tuple[list[bytes], int, int]], bytes] | None:
         """Frame a chunk of whole requests in C (hiredis), or return None to use the exact parser.
@@ -379,6 +454,22 @@ class RequestParser:
         return cmds, raw
 
 
+def expand(items: list[Any], raw: bytes) -> list[tuple[list[bytes], int, int]]:
+    """The commands of a :meth:`RequestParser.feed` result, runs framed again one by one (exactly: the
+    bytes of a run are known to be whole, strict requests)."""
+    if all(len(it) == 3 for it in items):
+        return items
+    out: list[tuple[list[bytes], int, int]] = []
+    for it in items:
+        if len(it) == 3:
+            out.append(it)
+            continue
+        start = it[3]
+        cmds, _ = RequestParser().feed(raw[start : it[4]])
+        out.extend([(a, s + start, e + start) for a, s, e in cmds])
+    return out
+
+
 class Frame(NamedTuple):
     """One complete top-level reply inside the chunk just fed to :class:`ReplyFramer`.
 
@@ -402,15 +493,24 @@ _AGG = frozenset(b"*~>%|")
 HEAD_MAX = 64
 
 
-class ReplyFramer:
+_PUBSUB_HEADS = frozenset(
+    (b"message", b"pmessage", b"smessage", b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
+     b"punsubscribe", b"sunsubscribe")
+)
+
+
+class PyReplyFramer:
     """Incremental framer for server replies, RESP2 and RESP3.
 
     ``feed(data)`` returns the list of :class:`Frame` completed in ``data``. Bulk payloads are skipped, not
     buffered, so a 50 MB reply costs no memory here; only a header line split across chunks (at most
-    ``MAX_INLINE`` bytes) or a short head element is held over.
+    ``MAX_INLINE`` bytes) or a short head element is held over. After a feed, :attr:`plain` tells whether
+    every frame was an ordinary reply: no error, no push, no array shaped like a pub/sub message.
+
+    :data:`ReplyFramer` is this class, or its C twin from proxy/_speedups.c when that is built.
     """
 
-    __slots__ = ("_stack", "_attr", "_skip", "_partial", "_kind", "_idx", "_head", "_num")
+    __slots__ = ("_stack", "_attr", "_skip", "_partial", "_kind", "_idx", "_head", "_num", "plain")
 
     def __init__(self) -> None:
         self._stack: list[int] = []  # elements still expected, per open aggregate
@@ -421,6 +521,7 @@ class ReplyFramer:
         self._idx = 0  # completed elements of the top-level aggregate
         self._head: bytes | None = None
         self._num: int | None = None
+        self.plain = True
 
     @property
     def in_frame(self) -> bool:
@@ -428,6 +529,7 @@ class ReplyFramer:
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes | None, int | None]]:
         frames: list = []
+        self.plain = True
         skip = self._skip
         if skip:
             if skip >= len(data):
@@ -553,11 +655,17 @@ class ReplyFramer:
             stack.pop()
             if attr.pop():
                 return  # an attribute ends: it prefixes the next element, which is still to come
-        frames.append((end, self._kind, self._head, self._num))
+        kind = self._kind
+        if kind and (kind != KIND_ARRAY or (self._head is not None and self._head.lower() in _PUBSUB_HEADS)):
+            self.plain = False
+        frames.append((end, kind, self._head, self._num))
         self._kind = KIND_NORMAL
         self._head = None
         self._num = None
         self._idx = 0
+
+
+ReplyFramer: Any = _speedups.ReplyFramer if _speedups is not None else PyReplyFramer
 
 
 def encode_command(args: list[bytes]) -> bytes:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import commands as cmdtable
+from . import resp
 from .metrics import PROXY_CLIENT, Stats
 from .patterns import FAST_NAMES
 from .resp import (
@@ -29,10 +30,10 @@ from .resp import (
     KIND_ERROR,
     KIND_PUSH,
     ProtocolError,
-    ReplyFramer,
     RequestParser,
     encode_command,
     encode_error,
+    expand,
 )
 
 # Pending entry kinds
@@ -52,6 +53,21 @@ SPECIAL = frozenset(
 )
 NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
 UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
+
+
+def _plain_names() -> dict[bytes, tuple[tuple[str, bool], bool]]:
+    """Commands the request framer may hand over as runs (see RequestParser): known top-level commands
+    that are not containers and change no state the session tracks. name -> ((name, timed), keyed),
+    keyed when the key pattern is the first argument's."""
+    out = {}
+    for name, info in cmdtable.all_commands().items():
+        if "|" in name or info.subcommands or name in SPECIAL:
+            continue
+        out[name.encode()] = ((name, not info.blocking), name in FAST_NAMES)
+    return out
+
+
+PLAIN = _plain_names()
 
 
 def _valid_name(name: bytes) -> bool:
@@ -131,10 +147,12 @@ class Session:
             kw["max_bulk"] = max_bulk
         if max_query is not None:
             kw["max_query"] = max_query
-        self.parser = RequestParser(**kw)
-        self.framer = ReplyFramer()
-        # Awaiting a reply, in order: a plain command is a tuple (name, client, t0, timed), anything
-        # needing more (state changes, MULTI, local answers, the proxy's own commands) a Pending.
+        tracker = stats.patterns
+        self.parser = RequestParser(**kw, names=PLAIN, fast=tracker.fast if tracker is not None else None)
+        self.framer = resp.ReplyFramer()
+        # Awaiting a reply, in order: ``n`` plain commands sent together are one tuple
+        # (name, client, t0, timed, n), anything needing more (state changes, MULTI, local answers,
+        # the proxy's own commands) a Pending.
         self.pending: deque[Any] = deque()
         self.waiting: deque[tuple[list[bytes], bytes]] = deque()  # parsed, not yet dispatched
         self.n_special = 0  # LOCAL and INTERNAL entries in ``pending``
@@ -255,8 +273,8 @@ class Session:
         out = []
         for e in self.pending:  # forwarded, never answered
             if type(e) is tuple:
-                self.stats.count_command(e[1], e[0], "error")
-                out.append(msg)
+                self.stats.count_command(e[1], e[0], "error", e[4])
+                out.extend([msg] * e[4])
             elif e.kind == LOCAL:
                 out.append(e.reply)  # type: ignore[arg-type]
             elif e.kind == UPSTREAM:
@@ -289,20 +307,20 @@ class Session:
         self.stats.bytes["from_client"] += len(data)
         cmds, raw = self.parser.feed(data)
         if self.fail_msg is not None:
-            for args, _s, _e in cmds:
+            for args, _s, _e in expand(cmds, raw):
                 self.waiting.append((args, b""))
             if self.waiting or self.parser.error is not None:
                 self._reject_all(self.fail_msg)
             return
         if cmds:
             if self.monitor:
-                self._passthrough_commands(cmds, raw)
+                self._passthrough_commands(expand(cmds, raw), raw)
             elif not self.waiting and self.connected and not self.held:
                 self._dispatch_batch(cmds, raw)
             else:
                 waiting = self.waiting
                 limit = self.hold_limit if self.held else None
-                for args, s, e in cmds:
+                for args, s, e in expand(cmds, raw):
                     if limit is not None and len(waiting) >= limit:
                         # a rate-limit queue is full: answer in order, keep no arguments
                         waiting.append(([], self.hold_reject, cmdtable.command_name(args)))
@@ -340,7 +358,7 @@ class Session:
     def _abandon(self) -> None:
         for e in self.pending:
             if type(e) is tuple:
-                self.stats.count_command(e[1], e[0], "error")
+                self.stats.count_command(e[1], e[0], "error", e[4])
             elif e.kind == UPSTREAM:
                 self.stats.count_command(e.client, e.name, "error")
         self.pending.clear()
@@ -360,72 +378,66 @@ class Session:
             return Admission.FORWARD, None, ""
         return self.policy.admit(self, args, info, name)
 
-    def _dispatch_batch(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
-        """Fast path: a batch straight from the parser with nothing waiting before it."""
+    def _dispatch_batch(self, cmds: list[Any], raw: bytes) -> None:
+        """Fast path: a batch straight from the parser (commands and runs, see RequestParser) with
+        nothing waiting before it."""
         now = self.clock()
         self.hold_limit = None
         start = 0
         if (
             not (self.multi_view or self.reply_off or self.reply_skip)
-            and (self.policy is None or self.policy.fast_admit(self, len(cmds)))
+            and (self.policy is None or self.policy.fast_admit(self, self.parser.framed))
         ):
             # Plain commands only (the usual pipeline): no policy verdicts, counted in runs.
             client = self.client
-            append = self.pending.append
-            lookup = cmdtable.lookup
+            pending = self.pending
             upstream = self.stats.upstream
             tracker = self.stats.patterns
-            if tracker is not None:
-                fast = tracker.fast
-                tcur = tracker.cur
-                last_tkey = None
-                last_n = 0
-            run_name = None
-            run_n = 0
-            for args, _s, _e in cmds:
-                info = lookup(args)
-                if info is None:
-                    name = cmdtable.UNKNOWN
-                    timed = True
+            tcur = tracker.cur if tracker is not None else None
+            last = None  # the entry this batch appended last: equal neighbours share one
+            done = 0
+            for it in cmds:
+                if len(it) == 5:  # a run of plain commands framed in C
+                    name, timed = it[0]
+                    pat = it[1]
+                    n = it[2]
                 else:
-                    name = info.name
-                    if name in SPECIAL:
-                        break
-                    timed = not info.blocking
-                append((name, client, now, timed))
-                if tracker is not None:
-                    pat = fast.get(args[1]) if name in FAST_NAMES and len(args) > 1 else None
-                    if pat is None:
-                        pat = tracker.pattern(name, info, args)
-                    if last_tkey is not None and last_tkey[2] is pat and last_tkey[1] is name:
-                        last_n += 1
+                    args = it[0]
+                    info = cmdtable.lookup(args)
+                    if info is None:
+                        name = cmdtable.UNKNOWN
+                        timed = True
                     else:
-                        if last_tkey is not None:
-                            tcur[last_tkey] = tcur.get(last_tkey, 0) + last_n
-                        last_tkey = (client, name, pat)
-                        last_n = 1
-                if name is run_name:
-                    run_n += 1
+                        name = info.name
+                        if name in SPECIAL:
+                            break
+                        timed = not info.blocking
+                    pat = tracker.pattern(name, info, args) if tracker is not None else None
+                    n = 1
+                if last is not None and last[0] == name and last[3] is timed:
+                    last = (name, client, now, timed, last[4] + n)
+                    pending[-1] = last
                 else:
-                    if run_n:
-                        key = (client, run_name)
-                        upstream[key] = upstream.get(key, 0) + run_n
-                    run_name = name
-                    run_n = 1
+                    last = (name, client, now, timed, n)
+                    pending.append(last)
+                key = (client, name)
+                upstream[key] = upstream.get(key, 0) + n
+                if tcur is not None:
+                    tkey = (client, name, pat)
+                    tcur[tkey] = tcur.get(tkey, 0) + n
+                done += n
                 start += 1
-            if run_n:
-                key = (client, run_name)
-                upstream[key] = upstream.get(key, 0) + run_n
-            if tracker is not None and last_tkey is not None:
-                tcur[last_tkey] = tcur.get(last_tkey, 0) + last_n
             if start == len(cmds):
                 self._write_upstream(raw)
                 return
             if self.policy is not None:
-                self.policy.fast_refund(self, len(cmds) - start)
-        send_from = cmds[start][1]  # start of the run of forwarded bytes not yet written
-        i = start
-        for args, s, e in cmds[start:]:
+                self.policy.fast_refund(self, self.parser.framed - done)
+        cmds = expand(cmds[start:], raw)
+        # the run of forwarded bytes not yet written starts at the beginning: the commands already
+        # accounted for above go with it
+        send_from = 0
+        i = 0
+        for args, s, e in cmds:
             verdict = self._route(args, now)
             if verdict is None:
                 i += 1
@@ -547,7 +559,7 @@ class Session:
         if not (silent or self.multi_view or name in SPECIAL):
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
-            self.pending.append((name, client, now, not (info is not None and info.blocking)))
+            self.pending.append((name, client, now, not (info is not None and info.blocking), 1))
             return replaced
         e = Pending(name, client, UPSTREAM, now, None)
         if self.multi_view and name not in NOT_DEFERRED:
@@ -646,44 +658,75 @@ class Session:
             pending = self.pending
             stats = self.stats
             counts = stats.commands
-            # Runs of equal (command, client, outcome, send time) are counted once: a pipeline's
-            # replies usually are one run.
-            run_key = None
-            run_t0 = 0.0
-            run_n = 0
-            run_timed = False
-            for fr in frames:
-                k = fr[1]
-                if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
-                    if k:
-                        errors = True
-                    name, client, t0, timed = pending.popleft()
-                    if run_key is not None and t0 == run_t0 and run_key[1] == name and run_key[0] == client and (run_key[2] == "error") == (k == KIND_ERROR):
-                        run_n += 1
+            nf = len(frames)
+            i = 0
+            if self.framer.plain:
+                # Ordinary replies only (no error, push or pub/sub-shaped array): pair them with the
+                # plain entries at the head, a whole entry at a time.
+                while i < nf and pending:
+                    h = pending[0]
+                    if type(h) is not tuple:
+                        break
+                    name, client, t0, timed, c = h
+                    take = nf - i
+                    if c <= take:
+                        pending.popleft()
+                        take = c
+                    else:
+                        pending[0] = (name, client, t0, timed, c - take)
+                    i += take
+                    key = (client, name, "ok")
+                    counts[key] = counts.get(key, 0) + take
+                    if timed:
+                        stats.observe_latency(name, now - t0, take)
+            if i < nf:
+                # Runs of equal (command, client, outcome, send time) are counted once.
+                run_key = None
+                run_t0 = 0.0
+                run_n = 0
+                run_timed = False
+                for fr in frames[i:] if i else frames:
+                    k = fr[1]
+                    if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
+                        if k:
+                            errors = True
+                        name, client, t0, timed, c = pending[0]
+                        if c > 1:
+                            pending[0] = (name, client, t0, timed, c - 1)
+                        else:
+                            pending.popleft()
+                        if (
+                            run_key is not None
+                            and t0 == run_t0
+                            and run_key[1] == name
+                            and run_key[0] == client
+                            and (run_key[2] == "error") == (k == KIND_ERROR)
+                        ):
+                            run_n += 1
+                            continue
+                        if run_key is not None:
+                            counts[run_key] = counts.get(run_key, 0) + run_n
+                            if run_timed:
+                                stats.observe_latency(run_key[1], now - run_t0, run_n)
+                        run_key = (client, name, "error" if k else "ok")
+                        run_t0 = t0
+                        run_n = 1
+                        run_timed = timed
                         continue
+                    if k == KIND_ERROR:
+                        errors = True
                     if run_key is not None:
                         counts[run_key] = counts.get(run_key, 0) + run_n
                         if run_timed:
                             stats.observe_latency(run_key[1], now - run_t0, run_n)
-                    run_key = (client, name, "error" if k else "ok")
-                    run_t0 = t0
-                    run_n = 1
-                    run_timed = timed
-                    continue
-                if k == KIND_ERROR:
-                    errors = True
+                        run_key = None
+                    self._on_frame(fr, now)
+                    if self.monitor:
+                        break
                 if run_key is not None:
                     counts[run_key] = counts.get(run_key, 0) + run_n
                     if run_timed:
                         stats.observe_latency(run_key[1], now - run_t0, run_n)
-                    run_key = None
-                self._on_frame(fr, now)
-                if self.monitor:
-                    break
-            if run_key is not None:
-                counts[run_key] = counts.get(run_key, 0) + run_n
-                if run_timed:
-                    stats.observe_latency(run_key[1], now - run_t0, run_n)
             if pending and type(pending[0]) is Pending and pending[0].expect == 0:
                 self._drain_head(None, now)
         else:
@@ -772,13 +815,18 @@ class Session:
         if h is None:
             self.stats.unpaired_replies += 1
             return
-        pending.popleft()
         if not obj:
-            name, client, t0, timed = h
+            name, client, t0, timed, c = h
+            if c > 1:
+                pending[0] = (name, client, t0, timed, c - 1)
+            else:
+                pending.popleft()
             self.stats.count_command(client, name, "error" if kind == KIND_ERROR else "ok")
             if timed:
                 self.stats.observe_latency(name, now - t0)
-        elif h.kind == INTERNAL:
+            return
+        pending.popleft()
+        if h.kind == INTERNAL:
             self.n_special -= 1
             self._complete_internal(h, kind == KIND_ERROR)
         else:

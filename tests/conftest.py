@@ -13,6 +13,10 @@ Fixtures
     ``redis_factory(extra_args=(), *, password=None, username=None, tls=None,
     tls_auth_clients="no", server_cert=None, server_key=None) -> RedisServer``;
     starts a fresh server, stopped when the test ends.
+``hot_path`` (function, parametrized)
+    Runs a test twice: with the C hot path (``proxy._speedups``) and with the pure-Python one
+    (``RESPMETER_PURE_PYTHON=1`` does the same for a whole process). Use it through
+    ``pytestmark = pytest.mark.usefixtures("hot_path")`` in modules of sans-I/O tests.
 ``proxy_factory`` (function)
     ``proxy_factory(upstream, extra_args=(), *, env=None, command=None,
     log_level="debug", ready_timeout=15.0) -> ProxyProcess``; ``upstream`` is a
@@ -53,6 +57,19 @@ def pytest_runtest_makereport(item, call):
 def _test_failed(request: pytest.FixtureRequest) -> bool:
     reports = request.node.stash.get(_REPORT_KEY, {})
     return any(r.failed for r in reports.values())
+
+
+@pytest.fixture(params=["C", "Python"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from proxy import resp
+
+    if request.param == "C":
+        if resp._speedups is None:
+            pytest.skip("proxy._speedups is not built (or RESPMETER_PURE_PYTHON is set)")
+    else:
+        monkeypatch.setattr(resp, "_c_scan", None)
+        monkeypatch.setattr(resp, "ReplyFramer", resp.PyReplyFramer)
+    return request.param
 
 
 def pytest_sessionfinish(session, exitstatus):

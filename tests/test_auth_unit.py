@@ -29,6 +29,8 @@ from proxy.metrics import Stats
 from proxy.resp import encode_command
 from proxy.session import Session
 
+pytestmark = pytest.mark.usefixtures("hot_path")
+
 # Distinctive secrets: any of them in an upstream byte stream (or a log line) is a leak.
 ALICE_PW = b"Al1ce-Cl13nt-Pw-q7"
 DEFAULT_PW = b"D3fault-Cl13nt-Pw-z9"

@@ -19,6 +19,8 @@ from proxy.resp import encode_command
 from proxy.session import Session
 from proxy.store import Store
 
+pytestmark = pytest.mark.usefixtures("hot_path")
+
 T0 = dt.datetime(2026, 11, 25, 23, 59, 0, tzinfo=dt.timezone.utc).timestamp()
 
 

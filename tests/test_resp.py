@@ -3,6 +3,8 @@ and followed by trailing bytes that must be left over (h11's test_io style)."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,11 +16,13 @@ from proxy.resp import (
     KIND_NORMAL,
     KIND_PUSH,
     ProtocolError,
-    ReplyFramer,
     RequestParser,
     encode_command,
     split_inline,
 )
+
+
+pytestmark = pytest.mark.usefixtures("hot_path")
 
 
 def feed_requests(parser: RequestParser, chunks: list[bytes]) -> tuple[list[list[bytes]], list[bytes]]:
@@ -144,14 +148,17 @@ def test_large_bulk_in_small_chunks_is_linear(monkeypatch: pytest.MonkeyPatch) -
     data = encode_command([b"SET", b"big", value])
     p = RequestParser()
     calls = 0
-    orig = RequestParser._scan
 
-    def counting_scan(self):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        return orig(self)
+    def counting(orig):  # type: ignore[no-untyped-def]
+        def scan(self):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return orig(self)
 
-    monkeypatch.setattr(RequestParser, "_scan", counting_scan)
+        return scan
+
+    monkeypatch.setattr(RequestParser, "_scan", counting(RequestParser._scan))
+    monkeypatch.setattr(RequestParser, "_scan_c", counting(RequestParser._scan_c))
     cmds, raws = feed_requests(p, [data[i : i + 4096] for i in range(0, len(data), 4096)])
     assert cmds == [[b"SET", b"big", value]]
     assert raws == [data]
@@ -243,7 +250,7 @@ REPLY_CASES = [
 @pytest.mark.parametrize("data,expected", REPLY_CASES)
 def test_replies_three_ways(data: bytes, expected: list) -> None:
     for how, chunks in three_ways(data):
-        f = ReplyFramer()
+        f = resp.ReplyFramer()
         got = []
         offset = 0
         for c in chunks:
@@ -253,7 +260,7 @@ def test_replies_three_ways(data: bytes, expected: list) -> None:
         assert [(k, h, n) for _, k, h, n in got] == expected, how
         assert got[-1][0] == len(data), how
         assert not f.in_frame, how
-    f = ReplyFramer()
+    f = resp.ReplyFramer()
     frames = f.feed(data + b"$9\r\npart")
     assert len(frames) == len(expected)
     assert f.in_frame
@@ -262,15 +269,22 @@ def test_replies_three_ways(data: bytes, expected: list) -> None:
 
 def test_reply_errors() -> None:
     with pytest.raises(ProtocolError):
-        ReplyFramer().feed(b"?what\r\n")
+        resp.ReplyFramer().feed(b"?what\r\n")
     with pytest.raises(ProtocolError):
-        ReplyFramer().feed(b"$abc\r\n")
+        resp.ReplyFramer().feed(b"$abc\r\n")
 
 
 def test_big_reply_is_not_buffered() -> None:
-    f = ReplyFramer()
-    assert f.feed(b"$10000000\r\n" + b"x" * 1000) == []
-    for _ in range(9999):
-        assert f.feed(b"x" * 1000) == []
-    assert f._partial == b""
+    f = resp.ReplyFramer()
+    chunk = b"x" * 1000
+    tracemalloc.start()
+    try:
+        assert f.feed(b"$10000000\r\n" + chunk) == []
+        for _ in range(9999):
+            assert f.feed(chunk) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000, peak  # a 10 MB payload passed through, never held
+    assert f.in_frame
     assert f.feed(b"\r\n+OK\r\n") == [(2, KIND_NORMAL, None, None), (7, KIND_NORMAL, None, None)]

@@ -9,6 +9,8 @@ from proxy.metrics import Stats
 from proxy.resp import encode_command
 from proxy.session import Admission, Session
 
+pytestmark = pytest.mark.usefixtures("hot_path")
+
 
 class Play:
     def __init__(self, label_limit: int = 100, policy=None, connect: bool = True) -> None:  # noqa: ANN001
@@ -156,7 +158,8 @@ def test_transaction_counted_when_executed() -> None:
     p.reply(b"+OK\r\n+QUEUED\r\n+OK\r\n")
     assert p.upstream() == {"multi": 2, "exec": 1, "set": 1, "incr": 1, "discard": 1}
     # aborted by WATCH: EXEC answers a null
-    p.send([b"WATCH", b"a"], [b"MULTI"], [b"SET", b"a", b"1"], [b"EXEC"])
+    cmds = ([b"WATCH", b"a"], [b"MULTI"], [b"SET", b"a", b"1"], [b"EXEC"])
+    assert p.send(*cmds) == b"".join(map(encode_command, cmds))
     p.reply(b"+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n")
     assert p.upstream()["set"] == 1
     # a command rejected while queueing is counted (rejected_calls), EXECABORT runs nothing
@@ -165,6 +168,17 @@ def test_transaction_counted_when_executed() -> None:
     assert p.upstream()["set"] == 2
     assert p.upstream()["incr"] == 1
     assert not p.s.in_multi and not p.s.pending
+
+
+@pytest.mark.parametrize("special", [[b"MULTI"], [b"CLIENT", b"SETNAME", b"w"], [b"SUBSCRIBE", b"c"],
+                                     [b"HELLO", b"3"], [b"CLIENT", b"REPLY", b"SKIP"]])
+def test_plain_commands_before_a_state_change_are_forwarded(special: list[bytes]) -> None:
+    """Plain commands and a state-changing one in the same read all go upstream, in order (the fast
+    path once counted the plain ones and dropped their bytes)."""
+    p = Play()
+    cmds = ([b"SET", b"a", b"1"], [b"GET", b"a"], special, [b"GET", b"b"])
+    assert p.send(*cmds) == b"".join(map(encode_command, cmds))
+    assert p.upstream()["set"] == 1 and p.upstream()["get"] >= 1
 
 
 def test_subscribe_inside_multi_is_queued() -> None:

@@ -466,10 +466,13 @@ def test_resp2_subscribed_ping_and_unsubscribe_all_keep_pairing(env):
     assert up["unsubscribe"] == 2 and up["punsubscribe"] == 1
 
 
-def test_everything_on_one_proxy_counts_exactly(redis_factory, proxy_factory):
-    """All of the above on one proxy, many connections, then one exact comparison, per client too."""
+@pytest.mark.parametrize("hot_path", ["C", "Python"])
+def test_everything_on_one_proxy_counts_exactly(redis_factory, proxy_factory, hot_path):
+    """All of the above on one proxy, many connections, then one exact comparison, per client too;
+    with the C hot path and with the pure-Python one (RESPMETER_PURE_PYTHON=1)."""
     server = redis_factory()
-    proxy = proxy_factory(server)
+    proxy = proxy_factory(server, env={"RESPMETER_PURE_PYTHON": "1"} if hot_path == "Python" else None)
+    assert f"hot path: {hot_path}" in proxy.log_text()
     e = Env(server, proxy)
     c = proxy.client(client_name="alpha")
     for i in range(20):
