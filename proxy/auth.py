@@ -83,28 +83,51 @@ class User:
     label: str
 
 
-def parse_users(data: dict, where: str) -> dict[str, User]:
-    """Users from a parsed TOML table ``{"users": {NAME: {password_hash, label}}}``."""
+def users_problems(data: dict) -> tuple[dict[str, User], list[tuple[list[str], str]]]:
+    """Users from a parsed TOML table ``{"users": {NAME: {password_hash, label}}}``, and every problem
+    found, as (key path under ``users``, message); a user with a problem is left out. Messages never
+    include a hash."""
     users: dict[str, User] = {}
+    problems: list[tuple[list[str], str]] = []
     table = data.get("users", {})
     if not isinstance(table, dict):
-        raise AuthConfigError(f"{where}: [users] must be a table")
+        return users, [([], "[users] must be a table")]
     for name, spec in table.items():
         if not isinstance(spec, dict):
-            raise AuthConfigError(f"{where}: users.{name} must be a table")
-        unknown = set(spec) - {"password_hash", "label"}
-        if unknown:
-            raise AuthConfigError(f"{where}: users.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+            problems.append(([name], "must be a table"))
+            continue
+        mine: list[tuple[list[str], str]] = []
+        for key in sorted(set(spec) - {"password_hash", "label"}):
+            mine.append(([name, key], "unknown key (expected password_hash or label)"))
         ph = spec.get("password_hash")
         if not isinstance(ph, str):
-            raise AuthConfigError(f"{where}: users.{name}: password_hash is required")
-        problem = check_hash_format(ph)
-        if problem:
-            raise AuthConfigError(f"{where}: users.{name}: {problem}")
+            mine.append(([name, "password_hash"], "password_hash is required"))
+        else:
+            problem = check_hash_format(ph)
+            if problem:
+                mine.append(([name, "password_hash"], problem))
         label = spec.get("label", name)
         if not isinstance(label, str) or not label:
-            raise AuthConfigError(f"{where}: users.{name}: label must be a non-empty string")
-        users[name] = User(name, ph, label)
+            mine.append(([name, "label"], "label must be a non-empty string"))
+        if mine:
+            problems.extend(mine)
+        else:
+            users[name] = User(name, ph, label)  # type: ignore[arg-type]
+    return users, problems
+
+
+def parse_users(data: dict, where: str) -> dict[str, User]:
+    """Users from a parsed TOML table; AuthConfigError names the first problem."""
+    users, problems = users_problems(data)
+    if problems:
+        keys, msg = problems[0]
+        if not keys:
+            raise AuthConfigError(f"{where}: {msg}")
+        if msg == "must be a table":
+            raise AuthConfigError(f"{where}: users.{keys[0]} must be a table")
+        if len(keys) == 2 and msg.startswith("unknown key"):
+            raise AuthConfigError(f"{where}: users.{keys[0]}: {keys[1]}: {msg}")
+        raise AuthConfigError(f"{where}: users.{keys[0]}: {msg}")
     return users
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .auth import AuthConfigError, User, parse_users
+from .auth import User, users_problems
 from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
 from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
@@ -244,11 +244,10 @@ def load_config(path: str) -> FileConfig:
         for key in spec:
             if key not in RULE_KEYS:
                 ck.problem(["rate_limit", i, key], f"unknown key (expected one of: {', '.join(sorted(RULE_KEYS))})")
-        try:
-            rule = rule_from_dict(spec, default_name=f"rule{i + 1}")
-        except LimitsConfigError as exc:
-            key, _, msg = str(exc).partition(": ")
-            ck.problem(["rate_limit", i, key] if key in RULE_KEYS else ["rate_limit", i], msg or str(exc))
+        rule, rule_problems = rule_checks(spec, default_name=f"rule{i + 1}")
+        for key, msg in rule_problems:
+            ck.problem(["rate_limit", i, key], msg)
+        if rule is None:
             continue
         if rule.name in names:
             ck.problem(["rate_limit", i, "name"], f"duplicate rule name {rule.name!r}")
@@ -265,15 +264,10 @@ def load_config(path: str) -> FileConfig:
                    "([users] or users = FILE) or allow_unauthenticated = true")
 
     if "users" in data:
-        try:
-            cfg.users = parse_users({"users": data["users"]}, path)
-        except AuthConfigError as exc:
-            msg = str(exc)
-            m = re.match(r"^.*?: users\.([^:]+): (.*)$", msg)
-            if m:
-                ck.problem(["users", m.group(1)], m.group(2))
-            else:
-                ck.problem(["users"], msg.split(": ", 1)[-1])
+        users, user_problems = users_problems({"users": data["users"]})
+        for keys, msg in user_problems:
+            ck.problem(["users", *keys], msg)
+        cfg.users = users
     cfg.problems.extend(ck.problems)
     return cfg
 
@@ -294,30 +288,48 @@ def _check_value(dest: str, value: Any) -> None:
             raise ConfigError(f"--{dest.replace('_', '-')}: no such file: {value}")
 
 
-def rule_from_dict(spec: dict[str, Any], default_name: str) -> RateRule:
+def rule_checks(spec: dict[str, Any], default_name: str) -> tuple[RateRule | None, list[tuple[str, str]]]:
+    """A rate-limit rule from its table, and every problem in it as (key, message); the rule is None
+    when there is any."""
+    problems: list[tuple[str, str]] = []
     name = spec.get("name", default_name)
     if not isinstance(name, str) or not name or not re.match(r"^[A-Za-z0-9_.:-]+$", name):
-        raise LimitsConfigError("name: must be a short name of letters, digits, '_', '-', '.' or ':'")
+        problems.append(("name", "must be a short name of letters, digits, '_', '-', '.' or ':'"))
+    rate = None
     if "rate" not in spec:
-        raise LimitsConfigError("rate: is required (e.g. '10/s', '600/min')")
-    try:
-        rate = parse_rate(spec["rate"])
-    except LimitsConfigError as exc:
-        raise LimitsConfigError(f"rate: {exc}") from None
+        problems.append(("rate", "is required (e.g. '10/s', '600/min')"))
+    else:
+        try:
+            rate = parse_rate(spec["rate"])
+        except LimitsConfigError as exc:
+            problems.append(("rate", str(exc)))
     burst = spec.get("burst", 1)
     if isinstance(burst, bool) or not isinstance(burst, (int, float)) or burst < 1:
-        raise LimitsConfigError("burst: must be a number >= 1")
+        problems.append(("burst", "must be a number >= 1"))
     action = spec.get("action", "delay")
     if action not in ("delay", "reject"):
-        raise LimitsConfigError("action: must be 'delay' or 'reject'")
+        problems.append(("action", "must be 'delay' or 'reject'"))
     max_queue = spec.get("max_queue", 1000)
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-        raise LimitsConfigError("max_queue: must be a positive whole number")
+        problems.append(("max_queue", "must be a positive whole number"))
     client = spec.get("client", "*")
     command = spec.get("command", "*")
-    if not isinstance(client, str) or not isinstance(command, str):
-        raise LimitsConfigError("client: and command must be glob strings")
-    return RateRule(name, rate, float(burst), client, command.lower(), action, max_queue)
+    if not isinstance(client, str):
+        problems.append(("client", "must be a glob string"))
+    if not isinstance(command, str):
+        problems.append(("command", "must be a glob string"))
+    if problems or rate is None:
+        return None, problems
+    return RateRule(name, rate, float(burst), client, command.lower(), action, max_queue), []
+
+
+def rule_from_dict(spec: dict[str, Any], default_name: str) -> RateRule:
+    """A rate-limit rule; LimitsConfigError ("key: message") names the first problem."""
+    rule, problems = rule_checks(spec, default_name)
+    if rule is None:
+        key, msg = problems[0]
+        raise LimitsConfigError(f"{key}: {msg}")
+    return rule
 
 
 def parse_rate_limit_flag(text: str) -> RateRule:

@@ -263,6 +263,35 @@ def test_parse_rate_and_flags() -> None:
         parse_client_cap_flag("web=100")
 
 
+def test_check_config_reports_every_problem_of_one_entry(tmp_path: Path) -> None:
+    """Several problems in one user or one rule are all reported, not just the first."""
+    f = tmp_path / "bad.toml"
+    f.write_text(
+        textwrap.dedent(
+            """\
+            [users.alice]
+            password_hash = "nope"
+            colour = "blue"
+
+            [[rate_limit]]
+            rate = "fast"
+            burst = 0
+            action = "maybe"
+            max_queue = -1
+            """
+        )
+    )
+    text = "\n".join(load_config(str(f)).problems)
+    assert f"{f}:2: users.alice.password_hash: password_hash must come from `respmeter hash-password`" in text
+    assert f"{f}:3: users.alice.colour: unknown key" in text
+    assert "nope" not in text  # never echo what was given as a hash
+    assert f"{f}:6: rate_limit[0].rate:" in text
+    assert f"{f}:7: rate_limit[0].burst: must be a number >= 1" in text
+    assert f"{f}:8: rate_limit[0].action:" in text
+    assert f"{f}:9: rate_limit[0].max_queue:" in text
+    assert text.count("\n") == 5
+
+
 def test_check_config_reports_every_problem_with_its_place(tmp_path: Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_text(
