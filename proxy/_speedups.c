@@ -26,6 +26,7 @@
 #define MAX_COUNT (1024 * 1024) /* larger multibulks go to the Python parser */
 #define MAX_PARTIAL (64 * 1024) /* a larger incomplete request is resumed by the Python parser */
 #define NAME_MAX_LEN 32
+#define SATURATED ((long long)1 << 60)
 
 enum { KIND_NORMAL = 0, KIND_ERROR = 1, KIND_PUSH = 2, KIND_ARRAY = 3 };
 
@@ -415,7 +416,8 @@ static int element_done(Framer *f, PyObject *frames, Py_ssize_t end) {
     return r;
 }
 
-/* A length as Python's int() reads it (the reference framer uses int()); -1 and an exception if not. */
+/* A length as Python's int() reads it (the reference framer uses int()), saturated at +-2**60; -1 and an
+ * exception if it is not a number. */
 static int reply_int(const char *p, Py_ssize_t len, long long *out) {
     /* fast path: canonical decimal */
     Py_ssize_t i = 0;
@@ -446,12 +448,18 @@ static int reply_int(const char *p, Py_ssize_t len, long long *out) {
     Py_DECREF(raw);
     if (v == NULL)
         goto bad;
-    long long x = PyLong_AsLongLong(v);
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
     Py_DECREF(v);
     if (x == -1 && PyErr_Occurred())
         goto bad;
-    if (x > ((long long)1 << 60) || x < -((long long)1 << 60)) /* counts are doubled for maps */
-        goto bad;
+    /* Python's int() has no bound. Beyond 2**60 a length or count can never be reached by a
+     * stream, so saturating it there frames exactly as the reference does (a wait that never ends,
+     * or a null), and doubling a map's count cannot overflow. */
+    if (overflow > 0 || x > SATURATED)
+        x = SATURATED;
+    else if (overflow < 0 || x < -SATURATED)
+        x = -SATURATED;
     *out = x;
     return 0;
 bad:

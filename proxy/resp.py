@@ -201,6 +201,7 @@ class RequestParser:
         "_names",
         "_fastpat",
         "framed",
+        "_tail",
     )
 
     def __init__(
@@ -225,6 +226,7 @@ class RequestParser:
         self._names = names if names is not None else {}
         self._fastpat = fast
         self.framed = 0
+        self._tail = False  # _buf holds an incomplete request that C has scanned once already
 
     @property
     def buffered(self) -> int:
@@ -281,7 +283,12 @@ class RequestParser:
         buf = self._buf
         items, end, need, framed = _c_scan(buf, 0, self.max_bulk, self._names, self._fastpat)
         n = len(buf)
+        if need >= 0 and end == 0 and n and self._tail:
+            # the same incomplete request a second time (a slow client): the Python parser resumes
+            # where it stops instead of C scanning it again from its start on every read
+            need = -1
         if need >= 0:
+            self._tail = end < n
             self._buf = buf[end:] if end < n else b""
             self._need = need
             self.framed = framed
@@ -289,6 +296,7 @@ class RequestParser:
                 self.error = "Protocol error: query buffer limit exceeded"
             return items, (buf[:end] if end < n else buf)
         # something for the exact parser (an inline command, a malformed or very large request)
+        self._tail = False
         self._buf = buf[end:]
         self._need = 0
         more, raw = self._scan()
@@ -454,6 +462,9 @@ class RequestParser:
         return cmds, raw
 
 
+_UNLIMITED = 1 << 62
+
+
 def expand(items: list[Any], raw: bytes) -> list[tuple[list[bytes], int, int]]:
     """The commands of a :meth:`RequestParser.feed` result, runs framed again one by one (exactly: the
     bytes of a run are known to be whole, strict requests)."""
@@ -465,7 +476,9 @@ def expand(items: list[Any], raw: bytes) -> list[tuple[list[bytes], int, int]]:
             out.append(it)
             continue
         start = it[3]
-        cmds, _ = RequestParser().feed(raw[start : it[4]])
+        # no limits here: these bytes passed the limits of the parser that framed them, which may
+        # be larger than the defaults (--max-bulk)
+        cmds, _ = RequestParser(max_bulk=_UNLIMITED, max_query=_UNLIMITED).feed(raw[start : it[4]])
         out.extend([(a, s + start, e + start) for a, s, e in cmds])
     return out
 

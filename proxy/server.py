@@ -33,7 +33,7 @@ P_SHUTDOWN = 4
 P_CLIENT_FULL = 1
 
 WRITE_HIGH = 1024 * 1024  # transport write buffer high-water mark, both sides
-MAX_BACKLOG = 20_000  # commands held per connection before reading from it pauses
+MAX_BACKLOG = 20_000  # commands held per connection (Session.backlog) before reading from it pauses
 
 
 class ProxySettings:
@@ -178,7 +178,7 @@ class ClientConnection(asyncio.Protocol):
         if session is None:
             return
         session.client_data(data)
-        if len(session.pending) + len(session.waiting) > MAX_BACKLOG:
+        if session.backlog > MAX_BACKLOG:
             self.pause(P_BACKLOG)
 
     def eof_received(self) -> bool:

@@ -155,6 +155,7 @@ class Session:
         # the proxy's own commands) a Pending.
         self.pending: deque[Any] = deque()
         self.waiting: deque[tuple[list[bytes], bytes]] = deque()  # parsed, not yet dispatched
+        self.queued = 0  # commands the tuple entries of ``pending`` stand for
         self.n_special = 0  # LOCAL and INTERNAL entries in ``pending``
         self.internal_buf = b""
         # identity
@@ -282,6 +283,7 @@ class Session:
                 if e.expect != 0:
                     out.append(msg)
         self.pending.clear()
+        self.queued = 0
         self.n_special = 0
         while self.waiting:
             entry = self.waiting.popleft()
@@ -362,14 +364,15 @@ class Session:
             elif e.kind == UPSTREAM:
                 self.stats.count_command(e.client, e.name, "error")
         self.pending.clear()
+        self.queued = 0
         self.waiting.clear()
         self.n_special = 0
 
     @property
     def backlog(self) -> int:
-        """Commands held by this session (waiting plus awaiting a reply): the I/O layer pauses reading
+        """Commands held by this session (waiting, or awaiting a reply): the I/O layer pauses reading
         from the client while this is large."""
-        return len(self.waiting) + len(self.pending)
+        return len(self.waiting) + len(self.pending) + self.queued
 
     # -- dispatch ------------------------------------------------------------------------------
     def admit(self, args: list[bytes], info: Any, name: str) -> tuple[int, Any, str]:
@@ -427,6 +430,7 @@ class Session:
                     tcur[tkey] = tcur.get(tkey, 0) + n
                 done += n
                 start += 1
+            self.queued += done
             if start == len(cmds):
                 self._write_upstream(raw)
                 return
@@ -560,6 +564,7 @@ class Session:
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
             self.pending.append((name, client, now, not (info is not None and info.blocking), 1))
+            self.queued += 1
             return replaced
         e = Pending(name, client, UPSTREAM, now, None)
         if self.multi_view and name not in NOT_DEFERRED:
@@ -675,6 +680,7 @@ class Session:
                     else:
                         pending[0] = (name, client, t0, timed, c - take)
                     i += take
+                    self.queued -= take
                     key = (client, name, "ok")
                     counts[key] = counts.get(key, 0) + take
                     if timed:
@@ -695,6 +701,7 @@ class Session:
                             pending[0] = (name, client, t0, timed, c - 1)
                         else:
                             pending.popleft()
+                        self.queued -= 1
                         if (
                             run_key is not None
                             and t0 == run_t0
@@ -821,6 +828,7 @@ class Session:
                 pending[0] = (name, client, t0, timed, c - 1)
             else:
                 pending.popleft()
+            self.queued -= 1
             self.stats.count_command(client, name, "error" if kind == KIND_ERROR else "ok")
             if timed:
                 self.stats.observe_latency(name, now - t0)

@@ -181,6 +181,20 @@ def test_plain_commands_before_a_state_change_are_forwarded(special: list[bytes]
     assert p.upstream()["set"] == 1 and p.upstream()["get"] >= 1
 
 
+def test_backlog_counts_commands_not_reads() -> None:
+    """The bound on commands in flight (the I/O layer pauses reading above it) counts every command,
+    however few entries a pipeline takes."""
+    p = Play()
+    read = encode_command([b"GET", b"k"]) * 2000
+    for _ in range(20):
+        p.send(read)
+    assert p.s.backlog >= 40_000
+    p.reply(b"$-1\r\n" * 30_000)
+    assert 10_000 <= p.s.backlog <= 10_100
+    p.reply(b"$-1\r\n" * 10_000)
+    assert p.s.backlog == 0 and not p.s.pending
+
+
 def test_subscribe_inside_multi_is_queued() -> None:
     p = Play()
     p.send([b"MULTI"], [b"SUBSCRIBE", b"x"], [b"EXEC"])

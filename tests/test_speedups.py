@@ -64,7 +64,10 @@ scalar = st.one_of(
     st.integers(-10**6, 10**6).map(lambda i: b":%d\r\n" % i),
     st.binary(max_size=90).map(lambda b: b"$%d\r\n%s\r\n" % (len(b), b)),
     st.sampled_from([b"$-1\r\n", b"*-1\r\n", b"_\r\n", b",1.5\r\n", b"#t\r\n", b"(123456789012345678901\r\n",
-                     b"=7\r\ntxt:abc\r\n", b"!5\r\nERR x\r\n", b"%0\r\n", b"*0\r\n"]),
+                     b"=7\r\ntxt:abc\r\n", b"!5\r\nERR x\r\n", b"%0\r\n", b"*0\r\n",
+                     # lengths no stream reaches: Python's int() has no bound, C saturates
+                     b"*-99999999999999999999\r\n", b"$-1152921504606846977\r\n", b"$99999999999999999999\r\n",
+                     b"%1152921504606846977\r\n", b"* 3\r\n", b"$1_0\r\n0123456789\r\n"]),
 )
 
 
@@ -203,6 +206,42 @@ def test_request_parser_matches_reference(requests: list[bytes], data: st.DataOb
         check_runs(items, raw, fast)
 
 
+def test_expand_keeps_the_framing_parsers_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run framed under a larger --max-bulk than the default is expanded whole (it once vanished)."""
+    monkeypatch.setattr(RequestParser.__init__, "__defaults__", (100, 10_000, None, None))
+    data = encode_command([b"SET", b"k", b"v" * 500]) * 2
+    p = RequestParser(max_bulk=1000, max_query=100_000, names=PLAIN)
+    items, raw = p.feed(data)
+    assert len(items) == 1 and items[0][2] == 2  # one run of two plain commands
+    assert [c[0] for c in expand(items, raw)] == [[b"SET", b"k", b"v" * 500]] * 2
+
+
+def test_a_slow_request_is_scanned_twice_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request arriving a byte at a time is not rescanned from its start on every read."""
+    calls = 0
+    real = resp._c_scan
+
+    def counting(*a):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real(*a)
+
+    monkeypatch.setattr(resp, "_c_scan", counting)
+    data = encode_command([b"MSET", *[b"k%d" % i for i in range(500)]])
+    p = RequestParser(names=PLAIN)
+    got = []
+    for i in range(len(data)):
+        got.append(p.feed(data[i : i + 1]))
+    # the header line's bytes only (C and Python take turns until it is whole), then the Python
+    # parser resumes argument by argument: not one scan from the start per byte (len(data) = 3,400)
+    assert calls <= len(b"*501\r\n"), calls
+    assert [c[0][0] for feed in got for c in expand(*feed)] == [b"MSET"]
+    # and the next request is the C scanner's again
+    calls = 0
+    items, _ = p.feed(encode_command([b"GET", b"k"]))
+    assert calls == 1 and len(items[0]) == 5
+
+
 def test_runs_are_merged_and_split() -> None:
     p = RequestParser(names=PLAIN, fast={b"a": "a", b"b": "b"})
     data = b"".join(encode_command(c) for c in [
@@ -231,7 +270,7 @@ REPLIES = [b"+OK\r\n", b"-ERR no\r\n", b":7\r\n", b"$1\r\nv\r\n", b"$-1\r\n", b"
 SESSION_CMDS = [
     [b"GET", b"k1"], [b"GET", b"user:9"], [b"SET", b"k1", b"v"], [b"INCR", b"n:1"], [b"ping"], [b"PING", b"x"],
     [b"BRPOP", b"celery", b"1"], [b"PUBLISH", b"ch", b"m"], [b"CONFIG", b"GET", b"x"], [b"FOO"], [b"ECHO", b"e"],
-    [b"CLIENT", b"SETNAME", b"w1"],
+    [b"CLIENT", b"SETNAME", b"w1"], [b"MULTI"], [b"EXEC"], [b"DISCARD"], [b"WATCH", b"k1"],
 ]
 
 
@@ -248,10 +287,15 @@ def play_session(batches: list[tuple[list[bytes], list[bytes], list[int]]], pure
         to_upstream: list[bytes] = []
         s = Session(stats, to_client.append, lambda: None, clock=lambda: 5.0)
         s.upstream_connected(to_upstream.append, lambda: None)
+        def check() -> None:  # what the backlog bound counts is what is in flight
+            assert s.queued == sum(e[4] for e in s.pending if type(e) is tuple)
+
         for cmds, replies, cuts in batches:
             s.client_data(b"".join(cmds))
+            check()
             for chunk in chunked(b"".join(replies), cuts):
                 s.upstream_data(chunk)
+                check()
         hist = {k: (h.n, h.total, list(h.counts)) for k, h in stats.latency.items()}
         return (b"".join(to_client), b"".join(to_upstream), stats.commands, stats.upstream,
                 stats.patterns.cur, hist, stats.pushes, stats.unpaired_replies, len(s.pending))
