@@ -607,6 +607,11 @@ class App:
             self.loop_name,
             hot_path(),
         )
+        if hot_path() != "C" and os.environ.get("RESPMETER_PURE_PYTHON", "") in ("", "0"):
+            self.log.warning(
+                "the C hot path (proxy._speedups) is not built: counting is exact, but pipelined "
+                "throughput is about half; install a C compiler and Python headers, then reinstall"
+            )
         stop = asyncio.Event()
         signals = 0
 
