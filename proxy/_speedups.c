@@ -70,16 +70,19 @@ static inline long long strict_len(const char *p, Py_ssize_t len, long long limi
 
 typedef struct {
     PyObject *items;
-    PyObject *entry; /* borrowed: the current run's entry (NULL: no run) */
-    PyObject *pat;   /* borrowed: its pattern (or Py_None) */
+    PyObject *entry; /* the current run's entry (NULL: no run) */
+    PyObject *pat;   /* its pattern (or Py_None) */
     Py_ssize_t count, start, end;
 } RunState;
 
+/* Strong references throughout: an allocation can run the garbage collector, and with it
+ * finalizers, so nothing is held borrowed across one. */
 static int flush_run(RunState *rs) {
     if (rs->entry == NULL)
         return 0;
     PyObject *t = Py_BuildValue("(OOnnn)", rs->entry, rs->pat, rs->count, rs->start, rs->end);
-    rs->entry = NULL;
+    Py_CLEAR(rs->entry);
+    Py_CLEAR(rs->pat);
     if (t == NULL)
         return -1;
     int r = PyList_Append(rs->items, t);
@@ -111,7 +114,7 @@ static PyObject *request_args(const char *b, Py_ssize_t cs, Py_ssize_t count) {
 }
 
 static PyObject *lookup_bytes(PyObject *dict, const char *p, Py_ssize_t len, int lower) {
-    /* borrowed value of dict[bytes] (lower-cased first when asked), NULL if absent or on error */
+    /* new reference to dict[bytes] (lower-cased first when asked), NULL if absent or on error */
     char tmp[NAME_MAX_LEN];
     if (lower) {
         if (len > NAME_MAX_LEN)
@@ -126,8 +129,33 @@ static PyObject *lookup_bytes(PyObject *dict, const char *p, Py_ssize_t len, int
     if (key == NULL)
         return NULL;
     PyObject *v = PyDict_GetItemWithError(dict, key);
+    Py_XINCREF(v);
     Py_DECREF(key);
     return v;
+}
+
+/* The value looked up for the last argument seen in one position (a command's name, its first key),
+ * kept while the next commands send the same bytes: a pipeline looks its names up once. */
+typedef struct {
+    const char *raw; /* NULL: nothing yet */
+    Py_ssize_t len;
+    PyObject *value; /* strong reference, or NULL: not in the dict */
+} Memo;
+
+/* dict[bytes] through the memo, as a reference the memo holds (NULL if absent); -1 on error. */
+static int memo_get(Memo *m, PyObject *dict, const char *p, Py_ssize_t len, int lower, PyObject **out) {
+    if (m->raw != NULL && len == m->len && memcmp(p, m->raw, (size_t)len) == 0) {
+        *out = m->value;
+        return 0;
+    }
+    PyObject *v = lookup_bytes(dict, p, len, lower);
+    if (v == NULL && PyErr_Occurred())
+        return -1;
+    m->raw = p;
+    m->len = len;
+    Py_XSETREF(m->value, v);
+    *out = v;
+    return 0;
 }
 
 /*
@@ -169,10 +197,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (rs.items == NULL)
         return NULL;
     Py_ssize_t pos = start, need = 0, framed = 0;
-    /* caches: the previous command's name and first argument, as sent */
-    const char *prev0 = NULL, *prev1 = NULL;
-    Py_ssize_t prev0len = 0, prev1len = 0;
-    PyObject *prev_val = NULL, *prev_pat = NULL; /* borrowed */
+    Memo name_memo = {NULL, 0, NULL}, key_memo = {NULL, 0, NULL};
 
     while (pos < n) {
         Py_ssize_t cs = pos;
@@ -253,17 +278,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
         /* classify */
         PyObject *val;
-        if (prev0 != NULL && a0len == prev0len && memcmp(a0, prev0, (size_t)a0len) == 0) {
-            val = prev_val;
-        } else {
-            val = lookup_bytes(names, a0, a0len, 1);
-            if (val == NULL && PyErr_Occurred())
-                goto error;
-            prev0 = a0;
-            prev0len = a0len;
-            prev_val = val;
-            prev1 = NULL; /* the pattern cache is per command name */
-        }
+        if (memo_get(&name_memo, names, a0, a0len, 1, &val) < 0)
+            goto error;
         PyObject *entry = NULL, *pat = Py_None;
         if (val != NULL && PyTuple_Check(val) && PyTuple_GET_SIZE(val) == 2) {
             entry = PyTuple_GET_ITEM(val, 0);
@@ -271,16 +287,9 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 if (count == 1) {
                     pat = NoKey;
                 } else if (PyTuple_GET_ITEM(val, 1) == Py_True) {
-                    if (prev1 != NULL && a1len == prev1len && memcmp(a1, prev1, (size_t)a1len) == 0) {
-                        pat = prev_pat;
-                    } else {
-                        pat = lookup_bytes(fast, a1, a1len, 0);
-                        if (pat == NULL && PyErr_Occurred())
-                            goto error;
-                        prev1 = a1;
-                        prev1len = a1len;
-                        prev_pat = pat;
-                    }
+                    /* the fast dict maps a raw key to its pattern whatever the command */
+                    if (memo_get(&key_memo, fast, a1, a1len, 0, &pat) < 0)
+                        goto error;
                     if (pat == NULL)
                         entry = NULL; /* a new key: Python folds it (and caches the pattern) */
                 } else {
@@ -295,8 +304,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             } else {
                 if (flush_run(&rs) < 0)
                     goto error;
-                rs.entry = entry;
-                rs.pat = pat;
+                rs.entry = Py_NewRef(entry);
+                rs.pat = Py_NewRef(pat);
                 rs.count = 1;
                 rs.start = cs;
                 rs.end = ce;
@@ -318,8 +327,14 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (flush_run(&rs) < 0)
         goto error;
+    Py_XDECREF(name_memo.value);
+    Py_XDECREF(key_memo.value);
     return Py_BuildValue("(Nnnn)", rs.items, pos, need, framed);
 error:
+    Py_XDECREF(rs.entry);
+    Py_XDECREF(rs.pat);
+    Py_XDECREF(name_memo.value);
+    Py_XDECREF(key_memo.value);
     Py_DECREF(rs.items);
     return NULL;
 }
