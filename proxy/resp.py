@@ -12,6 +12,9 @@ Two incremental framers, both fed with bytes as they arrive and never touching a
   with requests. Attributes (``|``) are treated as a prefix of the reply they annotate.
 
 Both keep a bound on what they hold for an incomplete frame.
+
+proxy/_speedups.c is their C twin for the hot path (runs of plain requests, and replies paired a
+read at once); this module stays the reference, and the fallback when the extension is not built.
 """
 
 from __future__ import annotations

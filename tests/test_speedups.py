@@ -3,6 +3,9 @@
 Each test feeds the same bytes, cut at the same random places, to both implementations and requires
 the same result: the same frames, the same commands and bytes, the same errors at the same point, and,
 for whole sessions, the same bytes on both sides and the same counts.
+
+``RESPMETER_FUZZ_SCALE=N`` runs N times as many generated examples (a longer campaign, e.g. after
+changing proxy/_speedups.c: ``RESPMETER_FUZZ_SCALE=50 pytest tests/test_speedups.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from proxy.resp import NOKEY, ProtocolError, RequestParser, encode_command, expa
 from proxy.session import PLAIN, Session
 
 pytestmark = pytest.mark.skipif(resp._speedups is None, reason="proxy._speedups is not built")
+SCALE = max(1, int(os.environ.get("RESPMETER_FUZZ_SCALE", "1") or 1))
 
 
 def test_the_accelerator_is_built_here() -> None:
@@ -110,7 +114,7 @@ def run_framer(framer: object, chunks: list[bytes]) -> tuple[list, str | None]:
 
 
 @given(st.lists(reply, min_size=1, max_size=8), st.data())
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_reply_framer_matches_reference(replies: list[bytes], data: st.DataObject) -> None:
     stream = mutate(data, b"".join(replies))
     chunks = chunked(stream, cuts_for(data, stream))
@@ -181,7 +185,7 @@ def check_runs(items: list, raw: bytes, fast: dict | None) -> None:
 
 
 @given(st.lists(request, min_size=1, max_size=10), st.data())
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_request_parser_matches_reference(requests: list[bytes], data: st.DataObject) -> None:
     stream = mutate(data, b"".join(requests))
     chunks = chunked(stream, cuts_for(data, stream))
@@ -305,7 +309,7 @@ def play_session(batches: list[tuple[list[bytes], list[bytes], list[int]]], pure
 
 @given(st.lists(st.tuples(st.lists(st.sampled_from(SESSION_CMDS), min_size=1, max_size=20),
                           st.data()), min_size=1, max_size=5))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_sessions_match_reference(batches: list) -> None:
     plan = []
     for cmds, data in batches:
