@@ -299,9 +299,10 @@ def panels() -> list[dict]:
     ))
     ps.append(stat(
         nid(), "Proxy instances",
-        "Proxy processes scraped, by respmeter version.",
+        "Proxy processes scraped, by respmeter version and hot path (C, or Python when the C "
+        "extension is not built: about half the pipelined throughput).",
         (20, 8, 4, 5),
-        [target("A", f"count by (version) (respmeter_build_info{{{SEL}}})", "v{{version}}")],
+        [target("A", f"count by (version, hot_path) (respmeter_build_info{{{SEL}}})", "v{{version}} {{hot_path}}")],
     ))
 
     # -- traffic --------------------------------------------------------------------------------

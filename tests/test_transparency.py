@@ -473,6 +473,7 @@ def test_everything_on_one_proxy_counts_exactly(redis_factory, proxy_factory, ho
     server = redis_factory()
     proxy = proxy_factory(server, env={"RESPMETER_PURE_PYTHON": "1"} if hot_path == "Python" else None)
     assert f"hot path: {hot_path}" in proxy.log_text()
+    assert f'respmeter_build_info{{hot_path="{hot_path}",version=' in proxy.metrics_text()
     e = Env(server, proxy)
     c = proxy.client(client_name="alpha")
     for i in range(20):
