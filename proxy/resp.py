@@ -509,10 +509,12 @@ _AGG = frozenset(b"*~>%|")
 HEAD_MAX = 64
 
 
-_PUBSUB_HEADS = frozenset(
-    (b"message", b"pmessage", b"smessage", b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
-     b"punsubscribe", b"sunsubscribe")
+# The first element of a pub/sub message, and of a subscription confirmation (RESP2 arrays, RESP3 pushes)
+MESSAGE_KINDS = frozenset((b"message", b"pmessage", b"smessage"))
+CONFIRM_KINDS = frozenset(
+    (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe")
 )
+_PUBSUB_HEADS = MESSAGE_KINDS | CONFIRM_KINDS  # proxy/_speedups.c has the same list (PUBSUB_KINDS)
 
 
 class PyReplyFramer:

@@ -26,9 +26,11 @@ from . import resp
 from .metrics import PROXY_CLIENT, Stats
 from .patterns import FAST_NAMES
 from .resp import (
+    CONFIRM_KINDS,
     KIND_ARRAY,
     KIND_ERROR,
     KIND_PUSH,
+    MESSAGE_KINDS,
     ProtocolError,
     RequestParser,
     encode_command,
@@ -41,10 +43,6 @@ UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
 INTERNAL = 2  # sent by the proxy on its own behalf; its reply is consumed here
 
-MESSAGE_KINDS = frozenset((b"message", b"pmessage", b"smessage"))
-CONFIRM_KINDS = frozenset(
-    (b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe")
-)
 SUBSCRIBE_CMDS = frozenset(k.decode() for k in CONFIRM_KINDS)
 # Commands that change connection state the session tracks (looked up once per command).
 SPECIAL = frozenset(
