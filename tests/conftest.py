@@ -72,6 +72,15 @@ def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
+def pytest_configure(config):
+    # Nothing the suite starts may write into the user's own state: XDG_STATE_HOME (the default
+    # --state-dir's parent) points at a temporary folder for the whole session, children included.
+    import os
+    import tempfile
+
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="respmeter-test-state-")
+
+
 def pytest_sessionfinish(session, exitstatus):
     support.kill_all_children()
 

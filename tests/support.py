@@ -829,6 +829,12 @@ class ProxyProcess(_ChildProcess):
         argv += ["--admin", f"{self.host}:{self.admin_port}"]
         if self.log_level:
             argv += ["--log-level", self.log_level]
+        own = ("--state-dir", "--config")  # a config file may name its own state_dir
+        if not any(a.split("=", 1)[0] in own for a in self.extra_args) and not (
+            {"RESPMETER_STATE_DIR", "RESPMETER_CONFIG"} & set(self.env)
+        ):
+            # never the user's state directory: each proxy keeps its usage in its own workdir
+            argv += ["--state-dir", str(self.workdir / "state")]
         return argv + self.extra_args
 
     def start(self) -> "ProxyProcess":

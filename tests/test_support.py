@@ -340,7 +340,7 @@ import argparse, asyncio, os, signal, sys
 p = argparse.ArgumentParser()
 p.add_argument("mode")
 p.add_argument("--listen"); p.add_argument("--upstream"); p.add_argument("--admin")
-p.add_argument("--log-level")
+p.add_argument("--log-level"); p.add_argument("--state-dir")
 p.add_argument("--fail", default=None)
 p.add_argument("--hang", action="store_true")
 a = p.parse_args()
@@ -415,8 +415,9 @@ def test_proxy_process_with_fake(proxy_factory, redis_factory, fake_proxy_cmd):
     assert px.is_running() and px.returncode is None
     assert px.url == f"redis://127.0.0.1:{px.port}"
     assert px.admin_url == f"http://127.0.0.1:{px.admin_port}"
-    assert px.argv[-8:] == ["run", "--listen", f"127.0.0.1:{px.port}", "--upstream", srv.url,
-                            "--admin", f"127.0.0.1:{px.admin_port}", "--log-level", "debug"][-8:]
+    assert px.argv[-10:] == ["run", "--listen", f"127.0.0.1:{px.port}", "--upstream", srv.url,
+                             "--admin", f"127.0.0.1:{px.admin_port}", "--log-level", "debug",
+                             "--state-dir", str(px.workdir / "state")][-10:]
     c = px.client()
     assert c.ping() is True
     c.set("via-proxy", "1")
