@@ -232,6 +232,47 @@ def test_commands_the_upstream_does_not_know_keep_their_table_name(redis_factory
     assert left_out == ({"unknown": 1} if server_has_setinfo else {"client|setinfo": 1, "unknown": 1})
 
 
+def test_redis_py_handshake_the_server_refuses_is_billed_as_errors(redis_factory, proxy_factory):
+    """redis-py 8 connects with HELLO 3, CLIENT MAINT_NOTIFICATIONS and CLIENT SETINFO x2. Redis 7.0
+    refuses the last three (unknown subcommands) and leaves them out of commandstats, but a hosted
+    service bills them: the proxy forwards them, counts them under their table names with outcome
+    error, and counts them as sent upstream."""
+    import redis
+
+    server = redis_factory()
+    proxy = proxy_factory(server)
+    obs = server.client()
+    known = server_known_commands(obs)
+    server_has_setinfo = "client|setinfo" in known  # Redis 7.2+ (e.g. $REDIS_SERVER pointing at one)
+    assert "client|maint_notifications" not in known  # no open-source server knows it
+    before = commandstats(obs)
+    err_before = _errorstats(obs)
+    c = proxy.client()  # redis-py's defaults: RESP3, maintenance notifications "auto", lib name/version
+    assert int(redis.__version__.split(".")[0]) >= 8, redis.__version__
+    assert c.set("k", "v") is True and c.get("k") == b"v"
+    setinfo = "ok" if server_has_setinfo else "error"
+    assert _counts(proxy, by=("command", "outcome")) == {
+        ("hello", "ok"): 1,
+        ("client|maint_notifications", "error"): 1,
+        ("client|setinfo", setinfo): 2,
+        ("set", "ok"): 1,
+        ("get", "ok"): 1,
+    }
+    up = _counts(proxy, "respmeter_upstream_commands_total", by=("command",))
+    assert up == {"hello": 1, "client|maint_notifications": 1, "client|setinfo": 2, "set": 1, "get": 1}
+    # the server itself answered the errors: the proxy forwarded the commands
+    err_after = _errorstats(obs)
+    refused = 1 + (0 if server_has_setinfo else 2)
+    assert err_after.get("ERR", 0) - err_before.get("ERR", 0) == refused
+    delta = commandstats_delta(before, commandstats(obs))
+    delta["info"] = delta.get("info", 0) - 2  # the two errorstats reads
+    delta = {k: v for k, v in delta.items() if v}
+    assert "client|maint_notifications" not in delta and ("client|setinfo" in delta) is server_has_setinfo
+    left_out = _upstream_matches(proxy, delta, known)
+    assert left_out == ({"client|maint_notifications": 1} if server_has_setinfo
+                        else {"client|maint_notifications": 1, "client|setinfo": 2})
+
+
 def test_assert_counts_match_only_leaves_out_what_the_server_does_not_know():
     known = {"get", "set", "client", "client|setname"}
     # equal on every known name; the rest is left out and returned
