@@ -3,7 +3,8 @@
 #   docker build -t respmeter .
 #   docker run --rm -p 127.0.0.1:6380:6380 -p 127.0.0.1:9380:9380 \
 #       -e RESPMETER_UPSTREAM=rediss://default:PASSWORD@example.upstash.io:6379 \
-#       -e RESPMETER_ALLOW_UNAUTHENTICATED=true -e RESPMETER_DAILY_CAP=10000 \
+#       -e RESPMETER_ALLOW_UNAUTHENTICATED=true -e RESPMETER_ALLOW_UNAUTHENTICATED_ADMIN=true \
+#       -e RESPMETER_DAILY_CAP=10000 \
 #       -v respmeter-state:/var/lib/respmeter respmeter
 #
 # Configured only through RESPMETER_* environment variables (`respmeter run --daily-cap` is
@@ -11,8 +12,11 @@
 # (0.0.0.0:6380 for Redis clients, 0.0.0.0:9380 for /metrics and /healthz), and the proxy refuses to
 # listen beyond loopback without client authentication: you must choose, at `docker run` time,
 # either RESPMETER_USERS=/path/to/users.toml (mounted; hashes from `respmeter hash-password`) or
-# RESPMETER_ALLOW_UNAUTHENTICATED=true (only behind a private network/firewall). The image sets
-# neither, so it fails closed instead of exposing your Redis quota to anyone.
+# RESPMETER_ALLOW_UNAUTHENTICATED=true (only behind a private network/firewall). Likewise the admin
+# endpoint: RESPMETER_ADMIN_TOKEN_FILE (or RESPMETER_ADMIN_TOKEN; /metrics and /api/* then need
+# "Authorization: Bearer TOKEN", /healthz stays open for the HEALTHCHECK) or
+# RESPMETER_ALLOW_UNAUTHENTICATED_ADMIN=true. The image sets none of them, so it fails closed instead
+# of exposing your Redis quota, or your usage and key patterns, to anyone.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 

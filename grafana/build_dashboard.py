@@ -414,12 +414,15 @@ def panels() -> list[dict]:
     ))
     ps.append(timeseries(
         nid(), "New connections and push messages /s",
-        "Client connections accepted per second, and out-of-band frames (pub/sub messages, RESP3 pushes, "
-        "MONITOR lines) passed to clients.",
+        "Client connections accepted per second, connections refused (refused max_clients: "
+        "--max-clients reached; refused out_of_fds: the proxy ran out of file descriptors), and "
+        "out-of-band frames (pub/sub messages, RESP3 pushes, MONITOR lines) passed to clients.",
         (8, 57, 8, 8),
         [
             target("A", f"sum(rate(respmeter_connections_total{{{SEL}}}[{rate}]))", "connections accepted"),
             target("B", f"sum(rate(respmeter_push_messages_total{{{SEL}}}[{rate}]))", "push messages"),
+            target("C", f"sum by (reason) (rate(respmeter_refused_connections_total{{{SEL}}}[{rate}]))",
+                   "refused {{reason}}"),
         ],
     ))
     ps.append(timeseries(

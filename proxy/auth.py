@@ -37,6 +37,10 @@ HELLO_NOAUTH = encode_error(
 PRE_AUTH = frozenset({"auth", "hello", "quit", "reset"})
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# The failed-login budget of one source address (FailureThrottle): this many at once, then one more
+# every LOGIN_FAILURE_EVERY seconds (12 a minute)
+LOGIN_FAILURE_BURST = 10
+LOGIN_FAILURE_EVERY = 5.0
 
 
 class AuthConfigError(ValueError):
@@ -145,10 +149,23 @@ def load_users_file(path: str) -> dict[str, User]:
     return parse_users(data, f"--users {path}")
 
 
+def decoy_hash(like: str | None = None) -> str:
+    """A hash no password matches, that costs what checking ``like`` (or a new hash) costs: what an
+    unknown user's password is checked against, so that an unknown user is not told apart from a
+    wrong password by the time the answer takes."""
+    n, r, p, dklen = SCRYPT_N, SCRYPT_R, SCRYPT_P, 32
+    if like is not None and check_hash_format(like) is None:
+        _, n_, r_, p_, _, dk = like.split("$")
+        n, r, p, dklen = int(n_), int(r_), int(p_), len(base64.b64decode(dk)) or 32
+    b64 = base64.b64encode
+    return f"scrypt${n}${r}${p}${b64(os.urandom(16)).decode()}${b64(os.urandom(dklen)).decode()}"
+
+
 class Verifier:
     """Checks user/password pairs. The slow hash runs off the event loop (``offload``); outcomes are
     remembered under a keyed digest so each pair is hashed once per process, and the plain password
-    is never kept."""
+    is never kept. A user that does not exist costs the same hash work as a wrong password (against
+    :func:`decoy_hash`), so the time an answer takes does not tell which users exist."""
 
     def __init__(self, users: dict[str, User], offload: Callable[[Callable[[], bool], Callable[[bool], None]], None] | None = None) -> None:
         self.users = users
@@ -156,9 +173,14 @@ class Verifier:
         self._key = secrets.token_bytes(32)
         self._known: OrderedDict[bytes, bool] = OrderedDict()
         self._running: dict[bytes, list[Callable[[], None]]] = {}
+        self._decoy = decoy_hash(next(iter(users.values())).password_hash if users else None)
 
     def _digest(self, user: bytes, password: bytes) -> bytes:
         return hmac.new(self._key, user + b"\0" + password, hashlib.sha256).digest()
+
+    def outcome(self, user: bytes, password: bytes) -> bool | None:
+        """The remembered outcome of this pair, or None if it was never (or not yet) checked."""
+        return self._known.get(self._digest(user, password))
 
     def check(self, user: bytes, password: bytes, wake: Callable[[], None]) -> bool | None:
         """True/False when known; None while the check runs (``wake`` is called when done)."""
@@ -167,10 +189,9 @@ class Verifier:
         if known is not None:
             return known
         u = self.users.get(user.decode("utf-8", "replace"))
-        if u is None:
-            return False
+        stored = u.password_hash if u is not None else self._decoy
         if self.offload is None:
-            self._remember(d, verify_hash(password, u.password_hash))
+            self._remember(d, verify_hash(password, stored) and u is not None)
             return self._known[d]
         waiters = self._running.get(d)
         if waiters is not None:
@@ -183,7 +204,7 @@ class Verifier:
             for w in self._running.pop(d, []):
                 w()
 
-        self.offload(lambda: verify_hash(password, u.password_hash), done)
+        self.offload(lambda: verify_hash(password, stored) and u is not None, done)
         return None
 
     def _remember(self, d: bytes, ok: bool) -> None:
@@ -194,34 +215,71 @@ class Verifier:
 
 
 class FailureThrottle:
-    """Slows down repeated authentication failures from one address: after ``free`` failures each
-    WRONGPASS is delayed, doubling up to ``max_delay``. Bounded memory (least recent addresses go)."""
+    """The failed-login budget of each source address: ``burst`` failures at once, then one more
+    every ``per`` seconds (a token bucket, refilled continuously).
 
-    def __init__(self, free: int = 3, base: float = 0.1, max_delay: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.free = free
-        self.base = base
-        self.max_delay = max_delay
+    A check whose outcome is not known yet holds one unit of its address's budget while it runs
+    (:meth:`begin` ... :meth:`end`), so an address can never have more checks running than it has
+    failures left, however many connections it opens. A failure spends its unit; a success gives its
+    own unit back and nothing more: another account's success does not restore the budget. Memory
+    is bounded: an address whose budget is full and idle is forgotten, and beyond ``max_addresses``
+    the least recently seen go.
+    """
+
+    __slots__ = ("burst", "per", "clock", "max_addresses", "_state")
+
+    def __init__(
+        self,
+        burst: int = LOGIN_FAILURE_BURST,
+        per: float = LOGIN_FAILURE_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+        max_addresses: int = 10_000,
+    ) -> None:
+        self.burst = burst
+        self.per = per
         self.clock = clock
-        self._fails: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.max_addresses = max_addresses
+        # addr -> [failures left (float, refilled with time), when that was computed, checks running]
+        self._state: OrderedDict[str, list] = OrderedDict()
 
-    def delay(self, addr: str) -> float:
-        n, last = self._fails.get(addr, (0, 0.0))
-        if n and self.clock() - last > 600:  # forgiven after 10 quiet minutes
-            self._fails.pop(addr, None)
+    def _get(self, addr: str) -> list:
+        now = self.clock()
+        st = self._state.get(addr)
+        if st is None:
+            st = self._state[addr] = [float(self.burst), now, 0]
+            while len(self._state) > self.max_addresses:
+                self._state.popitem(last=False)
+        else:
+            st[0] = min(float(self.burst), st[0] + max(0.0, now - st[1]) / self.per)
+            st[1] = now
+            self._state.move_to_end(addr)
+        return st
+
+    def begin(self, addr: str) -> float:
+        """0.0: a check may start now, and holds one unit until :meth:`end`. Otherwise the seconds
+        until the budget can allow one (ask again then, or sooner if a check of this address ends
+        well)."""
+        st = self._get(addr)
+        if st[0] - st[2] >= 1.0:
+            st[2] += 1
             return 0.0
-        if n < self.free:
-            return 0.0
-        return min(self.max_delay, self.base * 2 ** (n - self.free))
+        return max(0.001, (st[2] + 1.0 - st[0]) * self.per)
 
-    def failed(self, addr: str) -> None:
-        n, _ = self._fails.get(addr, (0, 0.0))
-        self._fails[addr] = (n + 1, self.clock())
-        self._fails.move_to_end(addr)
-        while len(self._fails) > 10_000:
-            self._fails.popitem(last=False)
+    def end(self, addr: str, failed: bool) -> None:
+        """The check begun for ``addr`` is over: a failure spends its unit, a success returns it."""
+        st = self._get(addr)
+        st[2] = max(0, st[2] - 1)
+        if failed:
+            st[0] = max(0.0, st[0] - 1.0)
+        if st[2] == 0 and st[0] >= self.burst:
+            del self._state[addr]
 
-    def succeeded(self, addr: str) -> None:
-        self._fails.pop(addr, None)
+    def left(self, addr: str) -> float:
+        """Failures ``addr`` may still have now (checks running count as failures)."""
+        st = self._state.get(addr)
+        if st is None:
+            return float(self.burst)
+        return min(float(self.burst), st[0] + max(0.0, self.clock() - st[1]) / self.per) - st[2]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
-from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size  # noqa: F401
+from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size, keepalive_tuple  # noqa: F401
 from .resp import hot_path
 
 
@@ -248,7 +248,10 @@ def fetch_json(admin: str, path: str) -> Any:
 
     host, port = parse_hostport(admin, "--admin")
     url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}{path}"
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback admin endpoint
+    from .admin import client_headers
+
+    req = urllib.request.Request(url, headers=client_headers())
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the admin endpoint
         return json.load(resp)
 
 
@@ -342,11 +345,12 @@ def run(opts: dict[str, Any], parser: argparse.ArgumentParser, file_cfg: Any = N
         upstream = parse_upstream(opts["upstream"])
         admin_host, admin_port = parse_hostport(opts["admin"], "--admin")
         upstream = with_password(upstream, opts, dict(os.environ))
+        admin_token = read_admin_token(opts)
         check_safety(opts, listens, upstream)
     except ConfigError as exc:
         print(f"respmeter: {exc}", file=sys.stderr)
         return 2
-    secret_filter = SecretFilter([upstream.password or ""])
+    secret_filter = SecretFilter([upstream.password or "", admin_token or ""])
     for handler in logging.getLogger().handlers:
         handler.addFilter(secret_filter)
     try:
@@ -363,6 +367,10 @@ def run(opts: dict[str, Any], parser: argparse.ArgumentParser, file_cfg: Any = N
     app = App(opts, listens, upstream, (admin_host, admin_port), loop_name)
     app.caps, app.rules = caps, rules
     app.file_users = file_cfg.users if file_cfg else {}
+    app.admin_token = admin_token
+    from .commandpolicy import CommandPolicy
+
+    app.command_policy = CommandPolicy.from_spec(opts["deny_commands"])  # checked when the options were read
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(app.main())
 
@@ -389,6 +397,27 @@ def with_password(upstream: Any, opts: dict[str, Any], env: dict[str, str]) -> A
     return dataclasses.replace(upstream, password=password)
 
 
+def read_admin_token(opts: dict[str, Any]) -> str | None:
+    """The admin token from --admin-token (RESPMETER_ADMIN_TOKEN) or --admin-token-file; None when
+    neither is set (an empty value counts as unset). Never part of an error message."""
+    token, path = opts["admin_token"] or None, opts["admin_token_file"] or None
+    if token and path:
+        raise ConfigError("admin token given twice: --admin-token (RESPMETER_ADMIN_TOKEN) and --admin-token-file")
+    where = "--admin-token"
+    if path:
+        where = f"--admin-token-file {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: {getattr(exc, 'strerror', None) or 'not readable as UTF-8 text'}") from None
+        if not token:
+            raise ConfigError(f"{where}: the file is empty")
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        raise ConfigError(f"{where}: the token must be printable ASCII without spaces (it goes in an HTTP header)")
+    return token
+
+
 def check_safety(opts: dict[str, Any], listens: list[Listen], upstream: Any) -> None:
     tls_opts = [f for f in ("upstream_ca", "upstream_cert", "upstream_key") if opts[f]]
     if (tls_opts or opts["upstream_tls_insecure"]) and not upstream.tls:
@@ -404,6 +433,16 @@ def check_safety(opts: dict[str, Any], listens: list[Listen], upstream: Any) -> 
             "can reach it could use your Redis (and your quota). Configure proxy users with --users FILE, "
             "listen on a loopback address, or pass --allow-unauthenticated if a firewall or private "
             "network protects it."
+        )
+    admin_host, _ = parse_hostport(opts["admin"], "--admin")
+    admin_open = not Listen(None, host=admin_host).is_loopback
+    if admin_open and not (opts["admin_token"] or opts["admin_token_file"]) and not opts["allow_unauthenticated_admin"]:
+        raise ConfigError(
+            f"refusing to serve the admin endpoint on {opts['admin']} without a token: anyone who can reach "
+            "it could read your metrics, usage and key patterns. Set --admin-token-file FILE (or "
+            "--admin-token / RESPMETER_ADMIN_TOKEN; clients then send 'Authorization: Bearer TOKEN'), "
+            "bind --admin to a loopback address, or pass --allow-unauthenticated-admin if a firewall or "
+            "private network protects it."
         )
 
 
@@ -439,6 +478,30 @@ def downstream_ssl_context(opts: dict[str, Any]) -> Any:
     return ctx
 
 
+def fd_headroom(max_clients: int, log: logging.Logger) -> None:
+    """Each client takes two descriptors (its own and its upstream's): raise the soft limit toward
+    the hard one when --max-clients needs it, and say so when it still falls short."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    need = 2 * max_clients + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "file descriptor limit %d is below what --max-clients %d needs (%d): clients past what "
+            "fits get '-ERR respmeter: out of file descriptors'; raise ulimit -n / LimitNOFILE",
+            soft, max_clients, need,
+        )
+
+
 class App:
     """Wires the proxy, the admin endpoint and signal handling together for ``respmeter run``."""
 
@@ -452,6 +515,8 @@ class App:
         self.caps: Any = None
         self.rules: list = []
         self.file_users: dict = {}
+        self.admin_token: str | None = None
+        self.command_policy: Any = None
         self.limits: Any = None
 
     @staticmethod
@@ -460,6 +525,18 @@ class App:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(None, fn)
         fut.add_done_callback(lambda f: done(f.result() if not f.exception() else False))
+
+    def _admin_warnings(self) -> None:
+        host, port = self.admin_addr
+        if self.admin_token is not None:
+            self.log.info("the admin endpoint requires its token on every path but /healthz")
+            if len(self.admin_token) < 16:
+                self.log.warning("the admin token is short (%d characters): use 32 random ones, e.g. from "
+                                 "`openssl rand -hex 32`", len(self.admin_token))
+        elif not Listen(None, host=host).is_loopback:
+            self.log.warning(
+                "the admin endpoint %s:%d has no token (--allow-unauthenticated-admin): anyone who can "
+                "reach it reads the metrics, usage and key patterns", host, port)
 
     async def main(self) -> int:
         from prometheus_client import CollectorRegistry
@@ -477,7 +554,11 @@ class App:
             connect_timeout=opts["connect_timeout"],
             max_bulk=opts["max_bulk"],
             max_query=opts["max_query_buffer"],
+            max_clients=opts["max_clients"],
+            upstream_timeout=opts["upstream_timeout"],
+            keepalive=keepalive_tuple(opts["upstream_keepalive"]),
         )
+        fd_headroom(opts["max_clients"], self.log)
         try:
             if upstream.tls:
                 settings.ssl_context = upstream_ssl_context(opts)
@@ -492,6 +573,8 @@ class App:
                     raise ConfigError(str(exc)) from None
             elif self.file_users:
                 verifier = Verifier(self.file_users, self._offload)
+            # nothing a client sends before AUTH costs an upstream connection
+            settings.lazy_upstream = verifier is not None
         except ConfigError as exc:
             self.log.error("%s", exc)
             return 2
@@ -539,6 +622,14 @@ class App:
         health = Health(probe)
         health.traffic = lambda: stats.bytes["from_upstream"]
         stats.on_quota = health.quota_exceeded
+
+        def upstream_broken(reason: str) -> None:
+            if reason != health.broken_reason:
+                self.log.warning("%s", reason)
+            health.broken(reason)
+
+        stats.on_upstream_broken = upstream_broken
+        stats.on_upstream_reply = health.replied
         registry.register(HealthCollector(health))
 
         from .auth import UpstreamAuth
@@ -571,11 +662,16 @@ class App:
             call_later=lambda delay, fn: loop.call_later(delay, fn),
             on_upstream_auth_error=upstream_auth_error,
             on_upstream_auth_ok=health.auth_ok,
+            commands=self.command_policy,
         )
         settings.policy = gate
+        if self.command_policy is not None:
+            self.log.info("command policy (--deny-commands): %s", self.command_policy.describe())
         registry.register(LimitsCollector(limits))
         proxy = Proxy(settings, self.listens, stats, health)
-        admin = AdminServer(registry, health)
+        proxy.on_stall = health.broken
+        admin = AdminServer(registry, health, token=self.admin_token)
+        self._admin_warnings()
         from .admin import json_response
 
         async def api_usage(query: dict[str, list[str]]) -> Any:
@@ -635,7 +731,7 @@ class App:
                     limits.flush()
                 except Exception:  # noqa: BLE001 - a busy/locked state file must not stop the proxy
                     self.log.exception("could not write usage state")
-                if health.stale() or (health.failing() and not health.auth_reason):
+                if health.stale() or (health.failing() and not health.sticky()):
                     # keep respmeter_upstream_up current while idle (a bare connect, no command)
                     await health.check()
 

@@ -16,6 +16,9 @@ Layout (every key optional)::
     [caps.clients.celery]       # per client identity
     daily = 5000
 
+    [commands]
+    deny = ["@default", "flushall"]   # see proxy.commandpolicy
+
     [[rate_limit]]
     name = "celery-polling"
     client = "celery"           # glob on the identity
@@ -42,15 +45,18 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .auth import User, users_problems
+from .commandpolicy import entry_problems
 from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
 from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
 
-TOP_KEYS = {"proxy", "caps", "rate_limit", "users"}
+TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands"}
+COMMANDS_KEYS = {"deny"}
 CAP_KEYS = {"daily", "monthly", "timezone", "on_cap", "clients"}
 RULE_KEYS = {"name", "client", "command", "rate", "burst", "action", "max_queue"}
 # options that only make sense on the command line, or live in their own sections
-NOT_IN_PROXY = {"config", "daily_cap", "monthly_cap", "client_cap", "cap_timezone", "on_cap", "rate_limit"}
+NOT_IN_PROXY = {"config", "daily_cap", "monthly_cap", "client_cap", "cap_timezone", "on_cap", "rate_limit",
+                "deny_commands"}
 
 
 @dataclass
@@ -99,14 +105,33 @@ def _locate(text: str, path: list[str | int]) -> int | None:
     return None
 
 
+_TOML_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|#[^\n]*')
+
+
+def _locate_item(text: str, path: list[str | int], index: int) -> int | None:
+    """Best-effort line number of the index-th string of the array at ``path`` (1-based)."""
+    start = _locate(text, path)
+    if start is None:
+        return None
+    rest = "\n".join(text.splitlines()[start - 1 :])
+    n = 0
+    for m in _TOML_STRING.finditer(rest, rest.find("=") + 1):
+        if m.group().startswith("#"):
+            continue
+        if n == index:
+            return start + rest.count("\n", 0, m.start())
+        n += 1
+    return start
+
+
 class _Checker:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.text = text
         self.problems: list[str] = []
 
-    def problem(self, keypath: list[str | int], message: str) -> None:
-        line = _locate(self.text, keypath)
+    def problem(self, keypath: list[str | int], message: str, line: int | None = None) -> None:
+        line = line or _locate(self.text, keypath)
         dotted = ""
         for p in keypath:
             dotted += f"[{p}]" if isinstance(p, int) else (("." if dotted else "") + p)
@@ -173,7 +198,9 @@ def load_config(path: str) -> FileConfig:
         dest = key.replace("-", "_")
         o = options.get(dest)
         if o is None or dest in NOT_IN_PROXY:
-            hint = " (caps and rate limits have their own sections)" if dest in NOT_IN_PROXY else ""
+            hint = ""
+            if dest in NOT_IN_PROXY:
+                hint = " (caps, rate limits and the command policy have their own sections)"
             ck.problem(["proxy", key], f"unknown option{hint}")
             continue
         try:
@@ -254,6 +281,22 @@ def load_config(path: str) -> FileConfig:
         names.add(rule.name)
         cfg.rules.append(rule)
 
+    commands = data.get("commands", {})
+    if not isinstance(commands, dict):
+        ck.problem(["commands"], "must be a table")
+        commands = {}
+    for key, value in commands.items():
+        if key not in COMMANDS_KEYS:
+            ck.problem(["commands", key], f"unknown key (expected one of: {', '.join(sorted(COMMANDS_KEYS))})")
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            ck.problem(["commands", key], "must be a list of command names (e.g. [\"@default\", \"flushall\"])")
+        else:
+            problems = entry_problems(value)
+            for i, msg in problems:
+                ck.problem(["commands", key, i], msg, _locate_item(text, ["commands", key], i))
+            if not problems:
+                cfg.values["deny_commands"] = ",".join(value)
+
     listens = cfg.values.get("listen") or []
     try:
         open_listens = [x for x in listens if not parse_listen(x).is_loopback]
@@ -281,7 +324,7 @@ def _check_value(dest: str, value: Any) -> None:
             parse_listen(x)
     elif dest == "admin":
         parse_hostport(value, "--admin")
-    elif dest in ("upstream_password_file", "users", "upstream_ca", "upstream_cert", "upstream_key", "tls_cert", "tls_key"):
+    elif dest in ("upstream_password_file", "admin_token_file", "users", "upstream_ca", "upstream_cert", "upstream_key", "tls_cert", "tls_key"):
         import os
 
         if not os.path.isfile(value):

@@ -1,9 +1,11 @@
 """The policy chain a Session consults for each command: client authentication and upstream
-credentials first (proxy.auth), then caps and rate limits (proxy.limits). A plain object: time and
-background work come in as injected callables, so tests drive it without an event loop."""
+credentials first (proxy.auth), then the command policy (proxy.commandpolicy), then caps and rate
+limits (proxy.limits). A plain object: time and background work come in as injected callables, so
+tests drive it without an event loop."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,8 @@ from .auth import (
     encode_handshake,
     split_hello,
 )
+from . import commands as cmdtable
+from .commandpolicy import CommandPolicy
 from .resp import encode_command, encode_error
 from .session import Admission, Session
 
@@ -27,6 +31,13 @@ log = logging.getLogger("respmeter.gate")
 
 FORWARD = (Admission.FORWARD, None, "")
 OK = b"+OK\r\n"
+DENIED = "rejected:denied"
+# Redis's own answer to an EXEC after a command was refused while queueing
+EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+DISCARD = [b"DISCARD"]
+DISCARD_INFO = cmdtable.lookup(DISCARD)
+# not queued inside MULTI: refusing them does not abort the transaction (as on Redis)
+NOT_QUEUED = frozenset({"exec", "discard", "multi", "watch", "quit", "reset"})
 
 
 class Gate:
@@ -41,6 +52,7 @@ class Gate:
         clock: Callable[[], float] = time.monotonic,
         on_upstream_auth_error: Callable[[str], None] | None = None,
         on_upstream_auth_ok: Callable[[], None] | None = None,
+        commands: CommandPolicy | None = None,
     ) -> None:
         self.verifier = verifier
         self.upstream_auth = upstream_auth if upstream_auth is not None and upstream_auth.active else None
@@ -52,16 +64,29 @@ class Gate:
         self.on_upstream_auth_ok = on_upstream_auth_ok
         # answer a client's AUTH locally (never forward its credentials)?
         self.intercept_auth = verifier is not None or self.upstream_auth is not None
+        # sessions whose login check holds a unit of their address's failure budget
+        self._checking: set[Session] = set()
+        # per address, sessions waiting for budget to start their check (first come, first woken)
+        self._parked: dict[str, dict[Session, None]] = {}
+        self.commands = commands if commands else None
+        # Names the session must hand to ``admit`` one by one, never forward on its fast path: a
+        # Session built with this gate takes them (``session.slow_names is gate.slow_names``).
+        self.slow_names: frozenset[str] = commands.slow_names if commands else frozenset()
 
     # -- Session policy protocol --------------------------------------------------------------
     def init_session(self, session: Session) -> None:
         session.authed = self.verifier is None
         session.up_ready = self.upstream_auth is None
+        if self.verifier is not None:
+            session.on_close.append(lambda: self._forget(session))
+        session.tx_denied = False  # a command was denied inside MULTI: its EXEC aborts
+        session.hello_authed = False  # HELLO ... AUTH checked, waiting for the upstream connection
         if self.limits is not None:
             self.limits.init_session(session)
 
     def fast_admit(self, session: Session, n: int) -> bool:
-        if not (session.authed and session.up_ready):
+        # (denied names never reach the fast path: the session leaves slow_names out of it)
+        if not (session.up_ready and session.authed):
             return False
         return self.limits is None or self.limits.fast_admit(session, n)
 
@@ -74,6 +99,17 @@ class Gate:
             verdict = self._auth(session, args, name)
             if verdict is not None:
                 return verdict
+        if name in self.slow_names:
+            reply = self.commands.check(args, name)  # type: ignore[union-attr]
+            if reply is not None:
+                if session.multi_view and name not in NOT_QUEUED:
+                    session.tx_denied = True
+                return Admission.REPLY, reply, DENIED
+        if session.tx_denied:
+            if name == "exec":
+                return self._abort_exec(session)
+            if name in ("discard", "reset"):
+                session.tx_denied = False
         if name == "reset" and not session.up_ready and self.upstream_auth is not None:
             # nothing was sent upstream yet: a local RESET is exact
             self._after_reset(session, name)
@@ -111,6 +147,24 @@ class Gate:
             return Admission.PREFIX, prefix, ""
         return FORWARD
 
+    def deny_reply(self, args: list[bytes], name: str) -> bytes | None:
+        """The reply to a denied command, or None: for a session that cannot place the reply in
+        order (MONITOR mode) and refuses the command its own way."""
+        return self.commands.check(args, name) if self.commands is not None else None
+
+    def _abort_exec(self, session: Session) -> tuple[int, Any, str]:
+        """EXEC after a command was denied inside MULTI: the server never saw that command, so it
+        would run the rest. The transaction is discarded instead, and the client gets Redis's own
+        EXECABORT, as when a server refuses a command while queueing. The DISCARD sent in the EXEC's
+        place is the limits' business like any command (it uses the budget MULTI kept aside)."""
+        if self.limits is not None:
+            verdict = self.limits.admit(session, DISCARD, DISCARD_INFO, "discard", 0)
+            if verdict is not None:
+                return verdict  # held or refused by a rate limit: this EXEC is looked at again later
+        session.tx_denied = False
+        discard = session.push_internal(DISCARD, None)
+        return Admission.INJECT_REPLY, (discard, EXECABORT, DENIED), ""
+
     def _after_reset(self, session: Session, name: str) -> None:
         if name != "reset":
             return
@@ -137,9 +191,19 @@ class Gate:
             if creds is not None:
                 if len(args) >= 2 and args[1] not in (b"2", b"3"):
                     return Admission.REPLY, encode_error("NOPROTO unsupported protocol version"), "local"
+                if session.hello_authed:  # checked already: it waited for its upstream connection
+                    if session.authed and not session.connected:
+                        return Admission.WAIT, None, ""
+                    session.hello_authed = False
+                    return None
                 verdict = self._login(session, creds[0], creds[1], None)
                 if verdict is not None:
                     return verdict
+                if not session.connected:
+                    # authenticated, and only now is an upstream connection opened for this
+                    # client: HELLO waits for it, and goes on without a second check
+                    session.hello_authed = True
+                    return Admission.WAIT, None, ""
                 return None  # authenticated: forward HELLO (without the client's AUTH)
             if not session.authed:
                 return Admission.REPLY, HELLO_NOAUTH, "rejected:noauth"
@@ -155,36 +219,99 @@ class Gate:
         return None
 
     def _login(self, session: Session, user: bytes, password: bytes, ok_reply: bytes | None) -> tuple[int, Any, str] | None:
-        """Check a client's credentials. None: accepted and the command goes on (HELLO)."""
-        if self.verifier is None:
+        """Check a client's credentials. None: accepted and the command goes on (HELLO).
+
+        A pair already known to be wrong is answered at once and costs nothing (a client retrying
+        the same wrong password learns nothing new). Any other check first takes a unit of its
+        source address's failure budget (FailureThrottle); without one the command waits, before
+        any hashing, so neither the answer nor its timing says anything until the budget allows a
+        check. The unit is settled when the check ends, even if the client has gone by then."""
+        verifier = self.verifier
+        if verifier is None:
             # No proxy users: the upstream credentials are the proxy's; accept and answer locally.
             return (Admission.REPLY, ok_reply, "local") if ok_reply is not None else None
-        result = self.verifier.check(user, password, session.resume)
-        if result is None:
-            return Admission.WAIT, None, ""
-        addr = _host(session.peer)
-        if not result:
-            now = self.clock()
-            if session.auth_wait_until is None:
-                delay = self.throttle.delay(addr)
-                if delay > 0 and self.call_later is not None:
-                    session.auth_wait_until = now + delay
-                    self.call_later(delay, session.resume)
-                    return Admission.WAIT, None, ""
-            elif now < session.auth_wait_until:
-                # a timer may fire a little early (loop clocks are coarse): arm it again
-                if self.call_later is not None:
-                    self.call_later(session.auth_wait_until - now + 0.001, session.resume)
-                return Admission.WAIT, None, ""
-            session.auth_wait_until = None
-            self.throttle.failed(addr)
-            log.info("authentication failed for user %r from %s", user.decode("utf-8", "replace")[:64], addr)
+        host = _host(session.peer)
+        addr = budget_key(host)
+        if session in self._checking:
+            result = verifier.outcome(user, password)
+            if result is None:
+                return Admission.WAIT, None, ""  # still running (or a stray wake-up)
+            self._checking.discard(session)
+        elif verifier.outcome(user, password) is False:
+            # (logged at debug only: a client retrying in a loop must not flood the log)
+            log.debug("authentication failed again for user %r from %s", user.decode("utf-8", "replace")[:64], host)
             return Admission.REPLY, WRONGPASS, "rejected:auth_failed"
-        self.throttle.succeeded(addr)
-        u = self.verifier.users[user.decode("utf-8", "replace")]
+        else:
+            wait = self.throttle.begin(addr)
+            if wait > 0:
+                self._park(session, addr, wait)
+                return Admission.WAIT, None, ""
+            self._unpark(session, addr)
+            self._checking.add(session)
+            result = verifier.check(user, password, lambda: self._check_done(session, addr, user, password))
+            if result is None:
+                return Admission.WAIT, None, ""
+            self._checking.discard(session)
+            self._settle(addr, result)
+        if not result:
+            log.info("authentication failed for user %r from %s", user.decode("utf-8", "replace")[:64], host)
+            return Admission.REPLY, WRONGPASS, "rejected:auth_failed"
+        u = verifier.users[user.decode("utf-8", "replace")]
         session.authed = True
         session.set_user(u.label)
         return (Admission.REPLY, ok_reply, "local") if ok_reply is not None else None
+
+    def _check_done(self, session: Session, addr: str, user: bytes, password: bytes) -> None:
+        """An offloaded check ended (called once per check begun, whatever became of the client)."""
+        assert self.verifier is not None
+        self._settle(addr, bool(self.verifier.outcome(user, password)))
+        if session in self._checking and not session.closed:
+            session.resume()
+
+    def _settle(self, addr: str, ok: bool) -> None:
+        self.throttle.end(addr, failed=not ok)
+        if ok:
+            # its unit came back: the first session waiting on this address may start its check
+            parked = self._parked.get(addr)
+            while parked:
+                first = next(iter(parked))
+                del parked[first]
+                if not first.closed:
+                    first.resume()
+                    break
+            if not parked:
+                self._parked.pop(addr, None)
+
+    def _park(self, session: Session, addr: str, wait: float) -> None:
+        self._parked.setdefault(addr, {})[session] = None
+        now = self.clock()
+        due = now + wait
+        armed = session.auth_wait_until
+        if armed is not None and now < armed <= due + 0.001:
+            return  # a timer that fires soon enough is armed already
+        session.auth_wait_until = due
+        if self.call_later is not None:
+            # (a loop's timer may fire a hair early: the budget is asked again, and says how long)
+            self.call_later(wait + 0.001, lambda: self._timer(session, due))
+
+    def _timer(self, session: Session, due: float) -> None:
+        if session.auth_wait_until == due:
+            session.auth_wait_until = None
+        if not session.closed:
+            session.resume()
+
+    def _unpark(self, session: Session, addr: str) -> None:
+        session.auth_wait_until = None
+        parked = self._parked.get(addr)
+        if parked is not None:
+            parked.pop(session, None)
+            if not parked:
+                del self._parked[addr]
+
+    def _forget(self, session: Session) -> None:
+        """The client went away: it waits for nothing any more (a check it began still settles)."""
+        self._checking.discard(session)
+        self._unpark(session, budget_key(_host(session.peer)))
 
     def _handshake_reply(self, error: bool, data: bytes) -> None:
         if error:
@@ -193,6 +320,20 @@ class Gate:
                 self.on_upstream_auth_error(text)
         elif self.on_upstream_auth_ok is not None:
             self.on_upstream_auth_ok()
+
+
+def budget_key(host: str) -> str:
+    """Whose failed-login budget a client spends: its IPv4 address, its IPv6 /64 (one host usually
+    has a whole /64 to pick addresses from), or "unix" for unix-socket clients."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def _host(peer: str) -> str:

@@ -34,6 +34,9 @@ class Health:
         self.quota_reason = ""
         self._probing: asyncio.Future | None = None
         self.auth_reason = ""
+        # sticky until a connection gets a RESP reply again (a bare connect proves nothing here):
+        # the upstream answered with something that is not RESP, or it stalled
+        self.broken_reason = ""
         self.retry = 2.0
         self._probed_at = float("-inf")
 
@@ -43,6 +46,7 @@ class Health:
     def failed(self, reason: str) -> None:
         self.fail_at = self.clock()
         self.reason = reason
+        self.broken_reason = ""  # newer evidence: a connect failed (the server is down, say)
         if self.traffic is not None:  # replies that arrived before the failure are old evidence
             self._traffic_seen = self.traffic()
 
@@ -68,6 +72,19 @@ class Health:
     def auth_ok(self) -> None:
         self.auth_reason = ""
 
+    def broken(self, reason: str) -> None:
+        """The upstream does not speak RESP, or stalled: unhealthy until one replies again."""
+        self.failed(reason)
+        self.broken_reason = reason
+
+    def replied(self) -> None:
+        """A connection got its first RESP reply: the upstream speaks RESP and answers."""
+        self.broken_reason = ""
+
+    def sticky(self) -> bool:
+        """Failing for a reason that a bare connect cannot clear."""
+        return bool(self.auth_reason or self.broken_reason)
+
     def unhealthy(self) -> bool:
         return self.failing() or self.clock() - self.quota_exceeded_at < self.quota_window
 
@@ -77,14 +94,14 @@ class Health:
 
     def failing(self) -> bool:
         """The latest evidence is a failure (no probe)."""
-        return bool(self.auth_reason) or self.fail_at > self._latest_ok()
+        return bool(self.auth_reason or self.broken_reason) or self.fail_at > self._latest_ok()
 
     async def check(self) -> tuple[bool, str]:
         """(healthy, reason). Probes by connecting only when the evidence is stale."""
         now = self.clock()
         stale = now - max(self._latest_ok(), self.fail_at) > self.fresh
         # while failing, look again every few seconds so recovery shows quickly
-        retry = self.failing() and not self.auth_reason and now - self._probed_at > self.retry
+        retry = self.failing() and not self.sticky() and now - self._probed_at > self.retry
         if (stale or retry) and self.probe is not None:
             self._probed_at = now
             if self._probing is None:
@@ -96,6 +113,8 @@ class Health:
                     self._probing = None
         if self.auth_reason:
             return False, self.auth_reason
+        if self.broken_reason:
+            return False, self.broken_reason
         if self.fail_at > self._latest_ok():
             return False, "upstream unreachable: " + self.reason
         if self.clock() - self.quota_exceeded_at < self.quota_window:

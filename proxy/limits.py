@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .paths import BLOCKING, block_timeout
 from .resp import encode_command, encode_error
 from .session import Admission, Session
 
@@ -28,22 +29,6 @@ log = logging.getLogger("respmeter.limits")
 WINDOWS = ("daily", "monthly")
 MIN_BLOCK = 16
 MAX_BLOCK = 4096
-
-# Blocking commands that on_cap = "idle" answers with their timeout's empty reply:
-# name -> (index of the timeout argument, or None for XREAD's BLOCK option; empty reply in RESP2)
-BLOCKING = {
-    "blpop": (-1, b"*-1\r\n"),
-    "brpop": (-1, b"*-1\r\n"),
-    "bzpopmin": (-1, b"*-1\r\n"),
-    "bzpopmax": (-1, b"*-1\r\n"),
-    "brpoplpush": (-1, b"$-1\r\n"),
-    "blmove": (-1, b"$-1\r\n"),
-    "blmpop": (1, b"*-1\r\n"),
-    "bzmpop": (1, b"*-1\r\n"),
-    "xread": (None, b"*-1\r\n"),
-    "xreadgroup": (None, b"*-1\r\n"),
-}
-
 
 class LimitsConfigError(ValueError):
     pass
@@ -146,6 +131,11 @@ class Limits:
         self.win_ids: dict[str, str] = {}
         self.bounds: dict[str, tuple[float, float]] = {}  # window -> (start, end) unix time
         self._counted: dict[tuple[str, str], int] = {}  # stats.upstream already flushed
+        if stats is not None:
+            # the identities the policy is keyed on keep their label however many names came first
+            exact = [r.client for r in rules if not any(c in r.client for c in "*?[")]
+            globs = [r.client for r in rules if any(c in r.client for c in "*?[")]
+            stats.labels.keep([*caps.clients, *exact], globs)
         self._rollover(self.clock())
 
     # -- windows ----------------------------------------------------------------------------------
@@ -265,9 +255,14 @@ class Limits:
         session.on_close.append(lambda: self._session_closed(session))
 
     def _session_closed(self, session: Session) -> None:
-        if getattr(session, "tx_spare", 0):
-            self.refund(session.client, session.tx_spare)
+        self._release_spare(session)
+
+    def _release_spare(self, session: Session) -> None:
+        """Give the budget kept for an EXEC that will not come back to the identity it came from."""
+        if session.tx_spare:
+            self.refund(session.tx_spare_client, session.tx_spare)
             session.tx_spare = 0
+        session.tx_doomed = False
 
     def _ruled(self, client: str) -> bool:
         r = self._client_ruled.get(client)
@@ -310,6 +305,8 @@ class Limits:
             return None
         # MULTI keeps one token aside so its EXEC/DISCARD can always be sent: a transaction is
         # never left half-applied by the cap.
+        if name == "reset" and session.tx_spare:
+            self._release_spare(session)  # RESET discards the transaction at once
         if name in ("exec", "discard") and session.tx_spare:
             session.tx_spare = 0
             need = extra
@@ -340,6 +337,7 @@ class Limits:
                 return self._capped(session, args, name, stop, now)
         if name == "multi" and not session.multi_view:
             session.tx_spare = 1
+            session.tx_spare_client = client
         return None
 
     def _tx_cap_error(self, session: Session) -> bytes:
@@ -368,7 +366,7 @@ class Limits:
             if name in ("publish", "spublish") and len(args) == 3:
                 return Admission.REPLY, b":0\r\n", "local"
         if self.caps.on_cap == "idle" and name in BLOCKING and not session.multi_view:
-            timeout = _block_timeout(name, args)
+            timeout = block_timeout(name, args)
             if timeout is not None:
                 if session.idle_until is None:
                     reset = self.bounds[pool.window][1]
@@ -523,19 +521,6 @@ class Limits:
                 "commands": dict(sorted(by_command.items(), key=lambda kv: -kv[1])),
             }
         return out
-
-
-def _block_timeout(name: str, args: list[bytes]) -> float | None:
-    idx, _ = BLOCKING[name]
-    try:
-        if idx is None:  # XREAD/XREADGROUP ... BLOCK ms ...
-            for i, a in enumerate(args):
-                if a.upper() == b"BLOCK" and i + 1 < len(args):
-                    return max(0.0, int(args[i + 1]) / 1000.0)
-            return None
-        return max(0.0, float(args[idx]))
-    except (ValueError, IndexError):
-        return None
 
 
 __all__ = ["Limits", "CapConfig", "RateRule", "parse_rate", "LimitsConfigError", "encode_command"]

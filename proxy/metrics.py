@@ -8,6 +8,7 @@ turns them into metric families. Every label set is bounded: commands come from 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import (
@@ -24,10 +25,14 @@ from .resp import hot_path
 OUTCOMES = ("ok", "error", "rejected", "local")
 # why the proxy refused a command (respmeter_rejections_total{reason})
 REJECTION_REASONS = (
-    "cap", "rate_limit", "rate_limit_queue_full", "noauth", "auth_failed", "upstream_unavailable", "state_unavailable",
+    "cap", "rate_limit", "rate_limit_queue_full", "noauth", "auth_failed", "denied", "upstream_unavailable",
+    "state_unavailable",
 )
 # upstream failure kinds exported from the start (others appear when they happen)
-UPSTREAM_ERROR_KINDS = ("connect_refused", "connect_timeout", "connect_error", "dns", "tls", "auth", "reset", "eof", "protocol")
+UPSTREAM_ERROR_KINDS = (
+    "connect_refused", "connect_timeout", "connect_error", "dns", "tls", "auth", "reset", "eof", "protocol", "timeout",
+)
+REFUSAL_REASONS = ("max_clients", "out_of_fds")
 PROXY_CLIENT = "respmeter"  # client label of the commands the proxy sends on its own behalf
 ANONYMOUS = "anonymous"
 OTHER = "other"
@@ -58,14 +63,25 @@ class LabelSet:
     """Admits at most ``limit`` distinct client names; later ones are labelled ``other``.
 
     Names are decoded leniently and truncated so a client cannot inflate a label's size either.
+    Names that the policy is keyed on (caps, rate limits, users: :meth:`keep`) are never folded into
+    ``other``, however many names came first: using up the labels must not move a client out of
+    its cap. A name matching a rate limit's glob, past the limit, is labelled with the glob itself
+    (one label per rule, and the rule still applies to it).
     """
 
-    __slots__ = ("limit", "_known", "reserved")
+    __slots__ = ("limit", "_known", "reserved", "kept", "globs")
 
     def __init__(self, limit: int = 100, reserved: Iterable[str] = ()) -> None:
         self.limit = limit
         self._known: set[str] = set()
         self.reserved = frozenset((ANONYMOUS, OTHER, PROXY_CLIENT, *reserved))
+        self.kept: frozenset[str] = frozenset()
+        self.globs: tuple[str, ...] = ()
+
+    def keep(self, names: Iterable[str], globs: Iterable[str] = ()) -> None:
+        """Names (and globs) that caps, rate limits or users are keyed on."""
+        self.kept = frozenset(n for n in names if n not in self.reserved)
+        self.globs = tuple(g for g in globs if g != "*")
 
     def label(self, name: bytes | str | None) -> str:
         if not name:
@@ -76,9 +92,12 @@ class LabelSet:
             name = name[:128]
         if name in self.reserved:
             return name + "_"  # a client cannot pass itself off as the proxy or a bucket
-        if name in self._known:
+        if name in self._known or name in self.kept:
             return name
         if len(self._known) >= self.limit:
+            for glob in self.globs:
+                if fnmatch.fnmatchcase(name, glob):
+                    return glob
             return OTHER
         self._known.add(name)
         return name
@@ -109,6 +128,9 @@ class Stats:
         self.bytes = {"from_client": 0, "to_client": 0, "to_upstream": 0, "from_upstream": 0}
         self.client_connections = 0
         self.connections_total = 0
+        # client connections closed at once: max_clients (--max-clients), out_of_fds (the process
+        # ran out of file descriptors)
+        self.refused_connections: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.protocol_errors = 0
         self.pushes = 0
@@ -118,6 +140,10 @@ class Stats:
         self.rejections: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
         self.patterns = None  # proxy.patterns.PatternTracker, when key patterns are tracked
         self.on_quota: Callable[[str], None] | None = None  # told the upstream's quota error text
+        # told that the upstream sent something that is not RESP (what it was), and that a
+        # connection got its first RESP reply (proxy.health keeps them)
+        self.on_upstream_broken: Callable[[str], None] | None = None
+        self.on_upstream_reply: Callable[[], None] | None = None
 
     # -- hot path helpers ---------------------------------------------------------------
     def count_command(self, client: str, command: str, outcome: str, n: int = 1) -> None:
@@ -214,6 +240,15 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "respmeter_connections", "Client connections accepted.", value=s.connections_total
         )
+        rc = CounterMetricFamily(
+            "respmeter_refused_connections",
+            "Client connections refused with an error and closed, by reason (max_clients: "
+            "--max-clients reached; out_of_fds: the process ran out of file descriptors).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(s.refused_connections.items()):
+            rc.add_metric((reason,), n)
+        yield rc
         e = CounterMetricFamily(
             "respmeter_upstream_errors",
             "Upstream failures by kind (connect_refused, connect_timeout, dns, tls, reset, eof, "
@@ -226,7 +261,7 @@ class StatsCollector(Collector):
         r = CounterMetricFamily(
             "respmeter_rejections",
             "Commands the proxy refused, by reason (cap, rate_limit, rate_limit_queue_full, noauth, "
-            "auth_failed, upstream_unavailable).",
+            "auth_failed, denied, upstream_unavailable, state_unavailable).",
             labels=("reason",),
         )
         for reason, n in sorted(s.rejections.items()):

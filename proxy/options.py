@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .commandpolicy import deny_spec
+
 ENV_PREFIX = "RESPMETER_"
 
 
@@ -48,6 +50,25 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _keepalive(text: str) -> str:
+    """IDLE,INTERVAL,COUNT (checked; kept as text, see keepalive_tuple), or 0 for off."""
+    keepalive_tuple(text)
+    return text.strip()
+
+
+def keepalive_tuple(text: str) -> tuple[int, int, int] | None:
+    t = text.strip()
+    if t in ("0", "off", ""):
+        return None
+    try:
+        parts = tuple(int(x) for x in t.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"not IDLE,INTERVAL,COUNT: {text!r} (e.g. 30,10,3; 0 for off)")
+    return parts  # type: ignore[return-value]
+
+
 def _bool(text: str) -> bool:
     t = text.strip().lower()
     if t in ("1", "true", "yes", "on"):
@@ -86,11 +107,23 @@ RUN_OPTIONS: list[Option] = [
            metavar="URL", secret=True),
     Option("--admin", "127.0.0.1:9380", "admin HTTP endpoint (/metrics, /healthz, /api/usage, /api/traffic)",
            metavar="HOST:PORT"),
+    Option("--admin-token", None, "bearer token the admin endpoint then requires on every path but /healthz "
+           "(Authorization: Bearer TOKEN); needed for an --admin beyond loopback. A flag shows in `ps`: prefer "
+           "the environment variable or --admin-token-file", metavar="TOKEN", secret=True),
+    Option("--admin-token-file", None, "file holding the admin token (instead of --admin-token)", metavar="FILE"),
+    Option("--allow-unauthenticated-admin", False, "allow an --admin beyond loopback without a token",
+           boolean=True),
     Option("--log-level", "info", "logging level", choices=("debug", "info", "warning", "error")),
     Option("--loop", "auto", "event loop: uvloop when installed (auto), or force one",
            choices=("auto", "uvloop", "asyncio")),
     Option("--connect-timeout", 5.0, "seconds to wait for an upstream connection", type=_positive_float,
            metavar="SECONDS"),
+    Option("--upstream-timeout", 10.0, "seconds a reply may be overdue (a command that does not block; a "
+           "blocking one gets its own timeout plus this) before its client gets '-ERR upstream timeout' and "
+           "the upstream is reported degraded", type=_positive_float, metavar="SECONDS"),
+    Option("--upstream-keepalive", "30,10,3", "TCP keepalive of upstream connections: IDLE,INTERVAL,COUNT "
+           "seconds/probes ('0' turns it off); finds dead connections without a billable command",
+           type=_keepalive, metavar="I,I,N"),
     Option("--shutdown-timeout", 5.0, "on SIGTERM/SIGINT, seconds to let replies in flight arrive (below "
            "Docker's and Kubernetes' default grace periods)",
            type=_positive_float, metavar="SECONDS"),
@@ -98,6 +131,9 @@ RUN_OPTIONS: list[Option] = [
            type=_size, metavar="SIZE"),
     Option("--max-query-buffer", 1024**3, "largest incomplete request a client may hold "
            "(Redis: client-query-buffer-limit)", type=_size, metavar="SIZE"),
+    Option("--max-clients", 10_000, "most client connections at once; beyond it a new client gets "
+           "'-ERR max number of clients reached' and is closed (Redis: maxclients)", type=_positive_int,
+           metavar="N"),
     Option("--client-label-limit", 100, "distinct client names kept as metric labels; the rest are 'other'",
            type=_positive_int, metavar="N"),
     # upstream TLS and credentials
@@ -115,6 +151,9 @@ RUN_OPTIONS: list[Option] = [
     Option("--allow-unauthenticated", False, "allow listening beyond loopback without --users", boolean=True),
     Option("--tls-cert", None, "serve clients over TLS with this certificate", metavar="FILE"),
     Option("--tls-key", None, "private key of --tls-cert", metavar="FILE"),
+    Option("--deny-commands", "@default", "commands clients may not send, comma separated, in commandstats "
+           "naming (config, acl|list); !NAME re-allows (!acl|whoami), @default is the default list, '' "
+           "denies nothing (see README: Command policy)", type=deny_spec, metavar="NAMES"),
     # state, caps and limits
     Option("--config", None, "TOML config file (see README); flags and env vars override it", metavar="FILE"),
     Option("--state-dir", None, "where usage state (SQLite) lives [default: $XDG_STATE_HOME/respmeter or "

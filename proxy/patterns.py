@@ -1,8 +1,11 @@
 """Key patterns: where the traffic goes, bounded.
 
-A key pattern is the first key of a command with its variable parts folded: UUIDs, long hex runs and
-digit runs become ``*`` (``celery-task-meta-<uuid>`` -> ``celery-task-meta-*``,
-``ratelimit:spotify:user123`` -> ``ratelimit:spotify:user*``). Multi-key blocking pops (BRPOP on a
+A key pattern is the first key of a command with its variable parts folded: UUIDs, e-mail addresses,
+tokens, long hex runs and digit runs become ``*`` (``celery-task-meta-<uuid>`` -> ``celery-task-meta-*``,
+``ratelimit:spotify:user123`` -> ``ratelimit:spotify:user*``, ``user:bob@example.com:cart`` ->
+``user:*@*.com:cart``, ``session:alice:resetpw:<token>`` -> ``session:alice:resetpw:*``). Patterns are
+shown on the admin endpoint and in reports, so what looks like a secret or a person never appears
+there verbatim (see :func:`fold`). Multi-key blocking pops (BRPOP on a
 queue and its priority variants) list their folded keys. Counts are kept per (client, command,
 pattern) with a hard cap on distinct patterns (the rest count as ``other``), in per-minute buckets for
 windowed rates, and are flushed with the usage state. They are never Prometheus labels.
@@ -24,10 +27,26 @@ from .resp import (
 OTHER = "other"
 
 _UUID = re.compile(rb"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+# local@domain.tld: the local part and the domain but its last label go (``*@*.com``; Celery's
+# ``celery@HOST.celery.pidbox`` keeps its ``pidbox``)
+_EMAIL = re.compile(rb"[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+([A-Za-z]{2,24})(?![A-Za-z0-9-])")
+# a run of token characters (base64 and base64url alphabets), at least TOKEN_MIN long
+TOKEN_MIN = 16
+_RUN = re.compile(rb"[A-Za-z0-9_+/=-]{%d,}" % TOKEN_MIN)
+_PIECE_SEP = re.compile(rb"([-_+/=]+)")
+# a piece that reads as words: lowercase or Capitalised words of 2+ letters, at most one ALLCAPS word
+# (2-8 letters), digits between and after them; or a number; or one letter with digits (v2, x, Q1)
+_WORDS = re.compile(rb"[0-9]*(?:(?:[A-Z]?[a-z]{2,}|[A-Z]{2,8}(?![a-z]))[0-9]*)+")
+_SHORT = re.compile(rb"[0-9]+|[A-Za-z][0-9]*")
+_CAPS = re.compile(rb"[A-Z]{2,}(?![a-z])")
+_INNER_DIGITS = re.compile(rb"[0-9]+(?=[A-Za-z])")
+_LETTER_RUNS = re.compile(rb"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
+_PREFIX_WORD = re.compile(rb"[a-z]{3,}")
 _HEX = re.compile(rb"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{8,}(?![0-9A-Za-z])")
 _DIGITS = re.compile(rb"[0-9]+")
 _STARS = re.compile(rb"\*+")
-MAX_KEY = 200
+MAX_KEY = 200  # a key is cut to this many bytes before it is folded or kept anywhere
+FAST_LIMIT = 50_000  # raw keys cached by PatternTracker.fast (each at most MAX_KEY bytes)
 MULTI_KEY = frozenset({"brpop", "blpop", "bzpopmin", "bzpopmax", "blmpop", "bzmpop"})  # + " timeout=N"
 # Channels count as the "key" of pub/sub commands: where the traffic goes
 CHANNEL_FIRST = frozenset({"publish", "spublish"})
@@ -39,10 +58,51 @@ FAST_NAMES = frozenset(
 )
 
 
+def reads_as_words(piece: bytes) -> bool:
+    """Whether one piece of a token run (between ``-``, ``_``, ``+``, ``/``, ``=``) reads as words
+    rather than as random characters: ``unacked``, ``celery``, ``getUserProfile``, ``user123profile``,
+    ``HTTPRequest2``, ``v2`` do; ``ZqTokenAbc9XyZ4Kp``, ``x2kqz7m4p9``, ``JBSWY3DPEHPK3PXP`` do not."""
+    if _SHORT.fullmatch(piece):
+        return True
+    if not _WORDS.fullmatch(piece) or len(_CAPS.findall(piece)) > 1:
+        return False
+    inner = _INNER_DIGITS.findall(piece.lstrip(b"0123456789"))
+    if inner:  # digits between words: at most two groups, between words of 3+ letters
+        if len(inner) > 2 or any(len(w) < 3 for w in _LETTER_RUNS.findall(piece)):
+            return False
+    return True
+
+
+def _fold_run(m: re.Match) -> bytes:
+    """A run of TOKEN_MIN+ token characters: kept if every piece reads as words, else folded, but for
+    leading lowercase words of 3+ letters (``cache-user-<token>`` -> ``cache-user-*``). A random
+    base64url token starts that way about once in 300: then its first 3+ letters stay."""
+    run = m.group()
+    parts = _PIECE_SEP.split(run)
+    if all(reads_as_words(p) for p in parts[::2] if p):
+        return run
+    keep = 0
+    while keep + 1 < len(parts) and _PREFIX_WORD.fullmatch(parts[keep]):
+        keep += 2
+    return b"".join(parts[:keep]) + b"*"
+
+
 def fold(key: bytes) -> str:
-    """The pattern of one key (printable, bounded)."""
+    """The pattern of one key (printable, bounded).
+
+    Folded to ``*``, in this order: UUIDs; e-mail addresses (to ``*@*.<last label>``); tokens, that
+    is runs of 16 or more base64/base64url characters (letters, digits, ``-_+/=``) in which a piece
+    does not read as words (:func:`reads_as_words`: random base64url tokens fold whole 99 times in
+    100 at 16 characters, 996 in 1000 at 24 or more, while ``celery-task-meta-``,
+    ``redis-py-health-check`` or ``getUserProfileCache`` stay); then hex runs of 8+ with a digit, and
+    digit runs. A run of only lowercase letters is kept as it is. The result is cached per raw key
+    (``PatternTracker.fast``) for commands whose first argument is their key.
+    """
     k = key[:MAX_KEY]
     k = _UUID.sub(b"*", k)
+    if b"@" in k:
+        k = _EMAIL.sub(lambda m: b"*@*." + m.group(1), k)
+    k = _RUN.sub(_fold_run, k)
     k = _HEX.sub(b"*", k)
     k = _DIGITS.sub(b"*", k)
     k = _STARS.sub(b"*", k)
@@ -102,9 +162,10 @@ class PatternTracker:
             pat = self.fast.get(key)
             if pat is None:
                 pat = self._bound(fold(key))
-                if len(self.fast) > 50_000:
-                    self.fast.clear()
-                self.fast[key] = pat
+                if len(key) <= MAX_KEY:  # the cache holds short keys only: at most ~10 MB of them
+                    if len(self.fast) > FAST_LIMIT:
+                        self.fast.clear()
+                    self.fast[key] = pat
             return pat
         idx = cmdtable.key_indices(info, args)
         if not idx:

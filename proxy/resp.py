@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, NamedTuple
 
@@ -60,6 +61,13 @@ DEFAULT_MAX_BULK = 512 * 1024 * 1024  # proto-max-bulk-len
 DEFAULT_MAX_QUERY = 1024 * 1024 * 1024  # client-query-buffer-limit
 MAX_INLINE = 64 * 1024  # PROTO_INLINE_MAX_SIZE
 MAX_MULTIBULK = 2**31 - 1  # INT_MAX, as Redis checks it
+UNAUTH_MAX_ARGS = 10  # before AUTH, as Redis: arguments of one request
+UNAUTH_MAX_BULK = 16384  # ... and bytes of one argument
+# A request is streamed (see RequestParser) once it is known to hold at least this many bytes, or
+# this many arguments, and is not complete yet
+STREAM_MIN = 256 * 1024
+STREAM_ARGS = 4096
+HEAD_ARG = 256  # bytes kept of an argument that is still arriving when streaming starts
 
 
 class ProtocolError(Exception):
@@ -205,6 +213,17 @@ class RequestParser:
         "_fastpat",
         "framed",
         "_tail",
+        "unauth",
+        "stream_ok",
+        "streamable",
+        "streaming",
+        "head",
+        "pre",
+        "_nostream",
+        "_s_left",
+        "_s_crlf",
+        "_s_bulks",
+        "_s_hdr",
     )
 
     def __init__(
@@ -213,6 +232,7 @@ class RequestParser:
         max_query: int = DEFAULT_MAX_QUERY,
         names: dict[bytes, tuple[Any, bool]] | None = None,
         fast: dict[bytes, str] | None = None,
+        streamable: frozenset[bytes] = frozenset(),
     ) -> None:
         self.max_bulk = max_bulk
         self.max_query = max_query
@@ -230,6 +250,27 @@ class RequestParser:
         self._fastpat = fast
         self.framed = 0
         self._tail = False  # _buf holds an incomplete request that C has scanned once already
+        # the client has not authenticated yet: Redis's limits for such clients apply (at most 10
+        # arguments, bulks of at most 16 KB) and the exact parser frames everything
+        self.unauth = False
+        # Streaming: a large request of a command in ``streamable`` (lower-case names) is not held
+        # whole when ``stream_ok()`` allows it (asked only about large incomplete requests). Once
+        # it is known to be large and is still incomplete, ``head`` is set to (its arguments so
+        # far, with at most HEAD_ARG bytes of one still arriving; its bytes so far) after the
+        # commands of that feed. Its remaining
+        # bytes are framed without being kept: each later feed first sets ``pre`` to the bytes
+        # that continue it (before that feed's commands); ``streaming`` is False once it ended.
+        # The consumer resets ``head`` and ``pre`` to None.
+        self.stream_ok: Callable[[], bool] = _never
+        self.streamable = streamable
+        self.streaming = False
+        self.head: tuple[list[bytes], bytes] | None = None
+        self.pre: bytes | None = None
+        self._nostream = False  # the request in progress is large but cannot be streamed
+        self._s_left = 0  # streaming: bytes of the current bulk still to come
+        self._s_crlf = 0  # ... then the CRLF bytes after it still to check
+        self._s_bulks = 0  # ... bulks of the request not yet complete (the current one included)
+        self._s_hdr = b""  # ... the start of a bulk header split across reads
 
     @property
     def buffered(self) -> int:
@@ -238,15 +279,23 @@ class RequestParser:
 
     @property
     def pending(self) -> bool:
-        """True while part of a request is held."""
-        return bool(self._consumed_len or self._buf or self._chunks_len)
+        """True while part of a request is held (or being streamed)."""
+        return bool(self._consumed_len or self._buf or self._chunks_len or self.streaming)
 
     def feed(self, data: bytes) -> tuple[list[Any], bytes]:
         if self.error is not None:
             self.framed = 0
             return [], b""
+        if self.streaming:
+            k = self._skip(data)
+            self.pre = data if k == len(data) else data[:k]
+            if self.streaming or self.error is not None or k == len(data):
+                self.framed = 0
+                return [], b""
+            data = data[k:]
         if (
             self._hr is not None
+            and not self.unauth
             and not self._buf
             and not self._consumed_len
             and not self._chunks
@@ -258,7 +307,13 @@ class RequestParser:
             if fast is not None:
                 self.framed = len(fast[0])
                 return fast
-        if self._chunks or len(self._buf) + len(data) < self._need:
+        big = self._need >= STREAM_MIN and not self._nostream and self.stream_ok()
+        if big and self._chunks:  # a large request that may be streamed now: look at it at once
+            self._chunks.append(data)
+            self._buf += b"".join(self._chunks)
+            self._chunks.clear()
+            self._chunks_len = 0
+        elif not big and (self._chunks or len(self._buf) + len(data) < self._need):
             self._chunks.append(data)
             self._chunks_len += len(data)
             if self._consumed_len + len(self._buf) + self._chunks_len > self.max_query:
@@ -275,7 +330,7 @@ class RequestParser:
             self._buf += data
         else:
             self._buf = data
-        if _c_scan is not None and self._args is None and self._buf[:1] == b"*":
+        if _c_scan is not None and self._args is None and self._buf[:1] == b"*" and not self.unauth:
             return self._scan_c()
         cmds, raw = self._scan()
         self.framed = len(cmds)
@@ -290,6 +345,8 @@ class RequestParser:
             # the same incomplete request a second time (a slow client): the Python parser resumes
             # where it stops instead of C scanning it again from its start on every read
             need = -1
+        elif need >= STREAM_MIN and end < n and self.stream_ok():
+            need = -1  # a large request: the Python parser decides whether to stream it
         if need >= 0:
             self._tail = end < n
             self._buf = buf[end:] if end < n else b""
@@ -386,11 +443,14 @@ class RequestParser:
                         raise ProtocolError("Protocol error: invalid multibulk length") from None
                     if count > MAX_MULTIBULK:
                         raise ProtocolError("Protocol error: invalid multibulk length")
+                    if count > UNAUTH_MAX_ARGS and self.unauth:
+                        raise ProtocolError("Protocol error: unauthenticated multibulk length")
                     pos = nl + 2
                     if count <= 0:
                         continue  # Redis skips empty multibulks
                     args = []
                     remaining = count
+                bulk_start = bulk_end = -1
                 while remaining:
                     if pos >= n:
                         need = 1
@@ -411,18 +471,27 @@ class RequestParser:
                         raise ProtocolError("Protocol error: invalid bulk length") from None
                     if blen > max_bulk:
                         raise ProtocolError("Protocol error: invalid bulk length")
+                    if blen > UNAUTH_MAX_BULK and self.unauth:
+                        raise ProtocolError("Protocol error: unauthenticated bulk length")
                     start = nl + 2
                     end = start + blen
                     if end + 2 > n:
                         need = end + 2 - pos
+                        bulk_start, bulk_end = start, end
                         break
                     if buf[end : end + 2] != CRLF:
                         raise ProtocolError("Protocol error: expected CRLF after bulk data")
                     args.append(buf[start:end])
                     pos = end + 2
                     remaining -= 1
-                if remaining:
-                    break  # incomplete request
+                if remaining:  # incomplete request
+                    if not self._nostream and self._stream_start(
+                        buf, n, args, cmd_start, pos, remaining, bulk_start, bulk_end
+                    ):
+                        args = None
+                        pos = n
+                        need = 0
+                    break
                 cmds.append((args, prefix + cmd_start, prefix + pos))
                 args = None
         except ProtocolError as exc:
@@ -460,12 +529,106 @@ class RequestParser:
             self._buf = buf[pos:] if pos < n else b""
             self._args = None
             self._need = need
+            self._nostream = False
         if self.buffered > self.max_query:
             self.error = "Protocol error: query buffer limit exceeded"
         return cmds, raw
 
+    def _stream_start(
+        self, buf: bytes, n: int, args: list[bytes], cmd_start: int, pos: int, remaining: int,
+        bulk_start: int, bulk_end: int,
+    ) -> bool:
+        """An incomplete request: start streaming it if it is large and may be streamed."""
+        received = n - cmd_start if cmd_start >= 0 else self._consumed_len + n
+        expected = received + (bulk_end + 2 - n if bulk_end >= 0 else 0)
+        if (expected < STREAM_MIN and remaining < STREAM_ARGS) or not self.stream_ok():
+            return False
+        if not args or args[0].lower() not in self.streamable:
+            self._nostream = True  # held whole, as before (within max_query)
+            return False
+        head_args = list(args)
+        if bulk_end >= 0 and n - bulk_start < min(HEAD_ARG, bulk_end - bulk_start):
+            return False  # the start of the argument that is arriving first (a key, for patterns)
+        if bulk_end >= 0:
+            head_args.append(buf[bulk_start : min(n, bulk_start + HEAD_ARG)])
+            self._s_left = max(0, bulk_end - n)
+            self._s_crlf = 2 - max(0, n - bulk_end)
+            if self._s_crlf == 1 and buf[bulk_end] != 13:
+                raise ProtocolError("Protocol error: expected CRLF after bulk data")
+            self._s_hdr = b""
+        else:
+            self._s_left = self._s_crlf = 0
+            self._s_hdr = buf[pos:n]
+        self._s_bulks = remaining
+        if cmd_start >= 0:
+            head = buf[cmd_start:n]
+        else:
+            head = b"".join(self._consumed) + buf[:n]
+            self._consumed.clear()
+            self._consumed_len = 0
+        self.head = (head_args, head)
+        self.streaming = True
+        return True
+
+    def _skip(self, data: bytes) -> int:
+        """Streaming: frame the rest of the request without keeping it. Returns how many bytes of
+        ``data`` belong to it (all of them while it goes on); sets :attr:`error` on bad input."""
+        n = len(data)
+        pos = 0
+        try:
+            while pos < n:
+                if self._s_left:
+                    take = min(self._s_left, n - pos)
+                    pos += take
+                    self._s_left -= take
+                    continue
+                if self._s_crlf:
+                    if data[pos] != (13 if self._s_crlf == 2 else 10):
+                        raise ProtocolError("Protocol error: expected CRLF after bulk data")
+                    pos += 1
+                    self._s_crlf -= 1
+                    if not self._s_crlf:
+                        self._s_bulks -= 1
+                        if not self._s_bulks:
+                            self.streaming = False
+                            return pos
+                    continue
+                # the next bulk's header
+                hdr = self._s_hdr
+                if not hdr and data[pos] != 36:  # '$'
+                    raise ProtocolError("Protocol error: expected '$', got '%s'" % chr(data[pos]))
+                if hdr.endswith(b"\r") and data[pos] == 10:
+                    line = hdr[:-1]
+                    pos += 1
+                else:
+                    nl = data.find(CRLF, pos, pos + MAX_INLINE + 2)
+                    if nl < 0:
+                        self._s_hdr = hdr + data[pos : pos + MAX_INLINE + 2]
+                        if len(self._s_hdr) > MAX_INLINE:
+                            raise ProtocolError("Protocol error: too big bulk count string")
+                        return n
+                    line = hdr + data[pos:nl]
+                    pos = nl + 2
+                self._s_hdr = b""
+                try:
+                    blen = _strict_int(line[1:], False)
+                except ValueError:
+                    raise ProtocolError("Protocol error: invalid bulk length") from None
+                if blen > self.max_bulk:
+                    raise ProtocolError("Protocol error: invalid bulk length")
+                self._s_left = blen
+                self._s_crlf = 2
+        except ProtocolError as exc:
+            self.error = str(exc)
+            self.streaming = False
+        return pos
+
 
 _UNLIMITED = 1 << 62
+
+
+def _never() -> bool:
+    return False
 
 
 def expand(items: list[Any], raw: bytes) -> list[tuple[list[bytes], int, int]]:
@@ -684,6 +847,16 @@ class PyReplyFramer:
 
 
 ReplyFramer: Any = _speedups.ReplyFramer if _speedups is not None else PyReplyFramer
+
+
+def describe_non_resp(data: bytes) -> str:
+    """What came back from an "upstream" that does not speak RESP, for a log line and an error
+    reply: a TLS record (a rediss:// server addressed as redis://), or the first printable bytes."""
+    if len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03:
+        return "upstream looks like TLS (it answered with a TLS record): use rediss://"
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")[:40]
+    shown = "".join(chr(c) if 32 <= c < 127 else "\\x%02x" % c for c in line)
+    return f"upstream does not speak RESP: got '{shown}'"
 
 
 def encode_command(args: list[bytes]) -> bytes:

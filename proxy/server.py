@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -27,8 +28,9 @@ log = logging.getLogger("respmeter")
 
 # pause reasons for reading from the client
 P_UPSTREAM_FULL = 1  # upstream write buffer above its high-water mark
-P_BACKLOG = 2  # too many commands in flight for this connection
+P_BACKLOG = 2  # too many commands (or bytes) held for this connection
 P_SHUTDOWN = 4
+P_OUTPUT_FULL = 8  # the client reads none of the replies the proxy answers itself
 # pause reasons for reading from the upstream
 P_CLIENT_FULL = 1
 
@@ -49,6 +51,10 @@ class ProxySettings:
         handshake: Callable[[Session], list] | None = None,
         policy: Any = None,
         downstream_ssl: ssl.SSLContext | None = None,
+        lazy_upstream: bool = False,
+        max_clients: int = 10_000,
+        upstream_timeout: float = 10.0,
+        keepalive: tuple[int, int, int] | None = (30, 10, 3),
     ) -> None:
         self.upstream = upstream
         self.connect_timeout = connect_timeout
@@ -59,6 +65,21 @@ class ProxySettings:
         self.handshake = handshake
         self.policy = policy
         self.downstream_ssl = downstream_ssl
+        # open a client's upstream connection only once it has authenticated to the proxy
+        self.lazy_upstream = lazy_upstream
+        self.max_clients = max_clients
+        self.upstream_timeout = upstream_timeout  # a reply due for this long: the upstream stalled
+        self.keepalive = keepalive  # TCP keepalive of upstream sockets: (idle, interval, count)
+
+
+MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_FDS_REPLY = (b"-ERR respmeter: out of file descriptors (too many open files): raise the "
+                    b"proxy's limit (ulimit -n, LimitNOFILE) or lower --max-clients\r\n")
+
+
+def out_of_fds(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in OUT_OF_FDS
 
 
 def classify_connect_error(exc: BaseException, timeout: float) -> tuple[str, str]:
@@ -113,6 +134,20 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         proxy = self.proxy
         s = proxy.settings
+        n = len(proxy.connections)
+        if n >= s.max_clients or n >= proxy.fd_clients:
+            # as Redis does at maxclients: say so, and close (before any upstream work)
+            if n >= s.max_clients:
+                reason, text, reply = "max_clients", f"--max-clients {s.max_clients} reached", MAX_CLIENTS_REPLY
+            else:
+                reason, reply = "out_of_fds", OUT_OF_FDS_REPLY
+                text = (f"out of file descriptors: {proxy.fd_clients} clients fit in the limit "
+                        "(raise ulimit -n / LimitNOFILE, or lower --max-clients)")
+            proxy.stats.refused_connections[reason] += 1
+            proxy.note_refusal(reason, text)
+            transport.write(reply)
+            transport.close()
+            return
         self.session = Session(
             proxy.stats,
             transport.write,
@@ -126,6 +161,13 @@ class ClientConnection(asyncio.Protocol):
         proxy.stats.client_connections += 1
         proxy.stats.connections_total += 1
         proxy.connections.add(self)
+        self.session.wake = self._check_backlog
+        if s.lazy_upstream and not self.session.authed:
+            self.session.request_upstream = self._start_connect
+        else:
+            self._start_connect()
+
+    def _start_connect(self) -> None:
         self.connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -149,6 +191,14 @@ class ClientConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a client-visible error
+            if out_of_fds(exc):
+                # the proxy's own limit, not the upstream's fault: health stays as it is
+                proxy.stats.refused_connections["out_of_fds"] += 1
+                proxy.note_refusal("out_of_fds", "out of file descriptors opening an upstream connection "
+                                   "(raise ulimit -n / LimitNOFILE, or lower --max-clients)")
+                if self.session is not None and not self.session.closed:
+                    self.session.refuse(OUT_OF_FDS_REPLY)
+                return
             kind, reason = classify_connect_error(exc, s.connect_timeout)
             proxy.stats.upstream_error(kind)
             proxy.health.failed(reason)
@@ -166,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if s.keepalive:
+                set_keepalive(sock, *s.keepalive)
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
         handshake = s.handshake(self.session) if s.handshake else ()
         self.session.upstream_connected(transport.write, transport.close, handshake)  # type: ignore[attr-defined]
@@ -182,12 +234,18 @@ class ClientConnection(asyncio.Protocol):
             self.pause(P_BACKLOG)
 
     def eof_received(self) -> bool:
-        # As Redis does: a client that closes its side is gone (replies in flight are dropped, a
-        # blocked command is abandoned), so its upstream connection closes too.
-        return False
+        # The client closed its sending side (shutdown(SHUT_WR) after a pipeline): like Redis, which
+        # runs what it already read and writes the replies before it sees the end, keep the
+        # connection until every reply to what was sent is written, then close both sides.
+        session = self.session
+        if session is None or session.closed:
+            return False
+        return session.client_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         proxy = self.proxy
+        if self.session is None:  # refused in connection_made
+            return
         proxy.stats.client_connections -= 1
         proxy.connections.discard(self)
         if self.connect_task is not None and not self.connect_task.done():
@@ -201,11 +259,20 @@ class ClientConnection(asyncio.Protocol):
         self.up_paused |= P_CLIENT_FULL
         if self.upstream is not None:
             self.upstream.pause_reading()
+        session = self.session
+        if session is not None and not session.awaiting_upstream:
+            # The buffer filled with replies the proxy answers itself (NOAUTH, cap refusals, local
+            # PONGs): no upstream to push back on, so stop reading what produces them. (With
+            # upstream replies in flight the client is not paused: the server buffers those
+            # replies, as for a direct client that pipelines before reading, and local answers
+            # queue behind them within the backlog bound.)
+            self.pause(P_OUTPUT_FULL)
 
     def resume_writing(self) -> None:
         self.up_paused &= ~P_CLIENT_FULL
         if not self.up_paused and self.upstream is not None:
             self.upstream.resume_reading()
+        self.resume(P_OUTPUT_FULL)
 
     # flow control ------------------------------------------------------------------------------
     def pause(self, reason: int) -> None:
@@ -269,6 +336,11 @@ class UpstreamConnection(asyncio.Protocol):
             reason = ("upstream TLS: the server dropped the connection after the handshake (does it "
                       f"require a client certificate?): {exc or 'closed'}")
             kind = "tls"
+        elif not session.got_reply and not tls and session.pending:
+            # it took a request and closed without a word: what a TLS port does with plain text
+            reason = f"{reason} before replying (if it is a TLS port, use rediss://)"
+            if session.stats.on_upstream_broken is not None:
+                session.stats.on_upstream_broken(reason)
         proxy.stats.upstream_error(kind)
         if exc is not None or kind == "tls":
             proxy.health.failed(reason)
@@ -287,6 +359,37 @@ class UpstreamConnection(asyncio.Protocol):
         self.client.resume(P_UPSTREAM_FULL)
 
 
+def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
+    """TCP keepalive: a dead upstream connection is found without sending a (billable) command."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+FD_RESERVE = 16  # descriptors kept free for the admin endpoint, the state file and refusing clients
+
+
+def fd_budget() -> int:
+    """How many clients fit in the file descriptor limit (each takes two: its own and its
+    upstream's), keeping a reserve so that one more client can still be told why it is refused."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on POSIX
+        return 1 << 30
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = 32
+    return max(1, (soft - used - FD_RESERVE) // 2)
+
+
 class Proxy:
     def __init__(self, settings: ProxySettings, listens: list[Listen], stats: Stats, health: Health) -> None:
         self.settings = settings
@@ -296,6 +399,17 @@ class Proxy:
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.connect_seconds = 0.0
+        self._noted: dict[str, float] = {}  # refusal reason -> when it was last logged
+        self.on_stall: Callable[[str], None] | None = None  # told when an upstream stalls
+        self._watch: asyncio.Task | None = None
+        self.fd_clients = fd_budget()
+
+    def note_refusal(self, reason: str, text: str) -> None:
+        """Log a refused client as a warning, at most once a minute per reason."""
+        now = time.monotonic()
+        if now - self._noted.get(reason, -120.0) >= 60.0:
+            self._noted[reason] = now
+            log.warning("refusing clients: %s", text)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -313,6 +427,26 @@ class Proxy:
                 )
             self.servers.append(server)
             log.info("listening on %s", listen)
+        self._watch = loop.create_task(self._watch_stalls())
+
+    async def _watch_stalls(self) -> None:
+        """Once a second: a client whose reply is overdue (see Session.stalled) gets an error and is
+        closed, and the upstream is reported degraded."""
+        timeout = self.settings.upstream_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            stalled = 0
+            for conn in list(self.connections):
+                session = conn.session
+                if session is not None and not session.closed and session.stalled(session.clock(), timeout):
+                    session.upstream_timeout(timeout)
+                    stalled += 1
+            if stalled:
+                reason = f"upstream timeout: {stalled} request(s) got no reply in {timeout:g}s"
+                self.stats.upstream_error("timeout")
+                log.warning("%s", reason)
+                if self.on_stall is not None:
+                    self.on_stall(reason)
 
     def _factory(self, listen: Listen) -> Callable[[], ClientConnection]:
         return lambda: ClientConnection(self, listen)
@@ -328,6 +462,8 @@ class Proxy:
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let replies in flight arrive (up to ``timeout``), then close everything."""
+        if self._watch is not None:
+            self._watch.cancel()
         for server in self.servers:
             server.close()
         for conn in list(self.connections):

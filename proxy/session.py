@@ -24,7 +24,16 @@ from typing import Any
 from . import commands as cmdtable
 from . import resp
 from .metrics import PROXY_CLIENT, Stats
-from .patterns import FAST_NAMES
+from .paths import (
+    BLOCKING,
+    NOT_DEFERRED,
+    SPECIAL,
+    STREAMABLE,
+    SUBSCRIBE_CMDS,
+    UNTIMED,
+    block_timeout,
+    fast_sets,
+)
 from .resp import (
     CONFIRM_KINDS,
     KIND_ARRAY,
@@ -43,29 +52,11 @@ UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
 INTERNAL = 2  # sent by the proxy on its own behalf; its reply is consumed here
 
-SUBSCRIBE_CMDS = frozenset(k.decode() for k in CONFIRM_KINDS)
-# Commands that change connection state the session tracks (looked up once per command).
-SPECIAL = frozenset(
-    SUBSCRIBE_CMDS
-    | {"multi", "exec", "discard", "reset", "hello", "client|setname", "monitor", "client|reply", "quit", "auth"}
-)
-NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
-UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
-
-
-def _plain_names() -> dict[bytes, tuple[tuple[str, bool], bool]]:
-    """Commands the request framer may hand over as runs (see RequestParser): known top-level commands
-    that are not containers and change no state the session tracks. name -> ((name, timed), keyed),
-    keyed when the key pattern is the first argument's."""
-    out = {}
-    for name, info in cmdtable.all_commands().items():
-        if "|" in name or info.subcommands or name in SPECIAL:
-            continue
-        out[name.encode()] = ((name, not info.blocking), name in FAST_NAMES)
-    return out
-
-
-PLAIN = _plain_names()
+# A streamed request (Session.stream)
+STREAM_FORWARD = 1  # its bytes go upstream as they arrive
+STREAM_DROP = 2  # answered by the proxy: the rest of its bytes are read and dropped
+STREAM_HELD = 3  # waiting for the policy (a rate limit): reading from the client pauses
+HELD_BACKLOG = 1 << 30
 
 
 def _valid_name(name: bytes) -> bool:
@@ -88,6 +79,7 @@ class Pending:
         "expect",
         "sub",
         "on_reply",
+        "deadline",
     )
 
     def __init__(self, name: str, client: str, kind: int, t0: float, args: list[bytes] | None) -> None:
@@ -102,6 +94,7 @@ class Pending:
         self.expect: int | None = 1  # reply frames still expected; None: computed at the head
         self.sub = False  # a (P|S)(UN)SUBSCRIBE outside MULTI: confirmations are pushes
         self.on_reply: Callable[[bool, bytes], None] | None = None
+        self.deadline: float | None = None  # a blocking command: its own timeout runs out then
 
 
 class Admission:
@@ -146,13 +139,22 @@ class Session:
         if max_query is not None:
             kw["max_query"] = max_query
         tracker = stats.patterns
-        self.parser = RequestParser(**kw, names=PLAIN, fast=tracker.fast if tracker is not None else None)
+        # commands the policy must see one by one (proxy.gate: the denied ones): never on the fast path
+        self.slow_names: frozenset[str] = getattr(policy, "slow_names", None) or frozenset()
+        plain, self._stop = fast_sets(self.slow_names)
+        self.parser = RequestParser(
+            **kw, names=plain, fast=tracker.fast if tracker is not None else None, streamable=STREAMABLE
+        )
+        self.parser.stream_ok = self._can_stream
+        self.stream = 0  # STREAM_* while a large request is being streamed
+        self.stream_buf: list[bytes] = []  # its bytes that came while it was held (see backlog)
         self.framer = resp.ReplyFramer()
         # Awaiting a reply, in order: ``n`` plain commands sent together are one tuple
         # (name, client, t0, timed, n), anything needing more (state changes, MULTI, local answers,
         # the proxy's own commands) a Pending.
         self.pending: deque[Any] = deque()
         self.waiting: deque[tuple[list[bytes], bytes]] = deque()  # parsed, not yet dispatched
+        self.waiting_bytes = 0  # request bytes queued in ``waiting`` (reset when it empties)
         self.queued = 0  # commands the tuple entries of ``pending`` stand for
         self.n_special = 0  # LOCAL and INTERNAL entries in ``pending``
         self.internal_buf = b""
@@ -164,6 +166,7 @@ class Session:
         self.protocol = 2
         self.in_multi = False
         self.tx_queued: list[tuple[str, str]] = []
+        self.tx_name: bytes | None = None  # a CLIENT SETNAME queued in MULTI: applied by EXEC
         self.channels = 0
         self.patterns = 0
         self.shard_channels = 0
@@ -175,17 +178,21 @@ class Session:
         # lifecycle
         self.connected = False
         self.closing = False  # close the client once everything pending is answered
+        self.quitting = False  # QUIT was sent (or answered): nothing after it is read
         self.closed = False
         self.held = False  # dispatch is holding (policy WAIT)
         # set by the policy layer (proxy.gate): client authenticated to the proxy; upstream
         # connection authenticated (or being) with the proxy's credentials
-        self.authed = True
+        self.authed = True  # (a property: kept by the parser, which applies the limits before AUTH)
         self.up_ready = True
         self.auth_wait_until: float | None = None
         self.close_after_reply = False
         # set by proxy.limits
         self.tx_spare = 0  # cap budget kept for the EXEC/DISCARD of an open transaction
+        self.tx_spare_client = ""  # ... taken from this identity's pools (refunded to it)
         self.tx_doomed = False  # a queued command hit the cap: EXEC will discard
+        # set by proxy.gate
+        self.tx_denied = False  # a queued command was denied: EXEC will discard
         self.idle_until: float | None = None  # on_cap = "idle": when the held blocking command answers
         self.throttle_noted = False  # the held command was counted in respmeter_throttled_total
         self.hold_limit: int | None = None  # while held for a rate limit: most commands that may wait
@@ -193,10 +200,24 @@ class Session:
         self.on_close: list[Callable[[], None]] = []
         self.hello_auth_check: Callable[[bool, bytes], None] | None = None  # HELLO carrying the proxy's AUTH
         self.fail_msg: bytes | None = None  # the upstream failed before the client said anything
-        self.got_reply = False  # the upstream has sent something on this connection
+        # set by the I/O layer: the upstream connection is opened only when this is called (after
+        # the client authenticated, when proxy users are configured); None: it is opened at once
+        self.request_upstream: Callable[[], None] | None = None
+        self.wake: Callable[[], None] | None = None  # told after held commands were dispatched
+        self.got_reply = False  # the upstream has sent RESP on this connection
+        self.last_reply_at = 0.0  # when it last sent anything (for stall detection)
         self._err_tail = b""  # start of an error reply split across reads
         if policy is not None:
             policy.init_session(self)
+
+    @property
+    def authed(self) -> bool:
+        """The client has authenticated to the proxy (set by the policy layer, proxy.gate)."""
+        return not self.parser.unauth
+
+    @authed.setter
+    def authed(self, value: bool) -> None:
+        self.parser.unauth = not value
 
     # -- identity --------------------------------------------------------------------------
     def _compute_label(self) -> str:
@@ -261,6 +282,11 @@ class Session:
             msg = encode_error("ERR " + reason)
         else:
             msg = encode_error("ERR upstream unavailable: " + reason)
+        self.refuse(msg)
+
+    def refuse(self, msg: bytes) -> None:
+        """There is no upstream connection for this client: every command gets ``msg``, in order
+        (the first one, if it has sent nothing yet), then the connection closes."""
         self.connected = False
         self._send_upstream = None
         if not self.waiting and not self.pending:
@@ -302,10 +328,13 @@ class Session:
 
     # -- client side -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> None:
-        if self.closing or self.closed:
+        if self.closing or self.closed or self.quitting:
             return
         self.stats.bytes["from_client"] += len(data)
-        cmds, raw = self.parser.feed(data)
+        parser = self.parser
+        cmds, raw = parser.feed(data)
+        if parser.pre is not None:
+            self._stream_more()
         if self.fail_msg is not None:
             for args, _s, _e in expand(cmds, raw):
                 self.waiting.append((args, b""))
@@ -326,15 +355,26 @@ class Session:
                         waiting.append(([], self.hold_reject, cmdtable.command_name(args)))
                     else:
                         waiting.append((args, raw[s:e]))
+                self.waiting_bytes += len(raw)
                 self._dispatch()
+        if parser.head is not None:
+            self._stream_head()
         if self.parser.error is not None:
+            if self.stream:
+                # broken inside a streamed request: the upstream holds part of it, so no reply
+                # will come for it (or after it): everything pending gets the error, and both
+                # connections close
+                self.stream = 0
+                self.stats.protocol_errors += 1
+                self._reject_all(encode_error("ERR " + self.parser.error))
+                return
             self.stats.protocol_errors += 1
             err = encode_error("ERR " + self.parser.error)
             if self.waiting or not self.connected:
                 # Answer after the commands still waiting, then close.
                 self.waiting.append(([], err))
-                if self.connected:
-                    self._dispatch()
+                if self.connected or (not self.authed and self.request_upstream is not None):
+                    self._dispatch()  # (before AUTH, with no upstream yet, the proxy answers)
                 else:
                     self.closing = True
             else:
@@ -346,6 +386,18 @@ class Session:
         hooks, self.on_close = self.on_close, []
         for hook in hooks:
             hook()
+
+    def client_eof(self) -> bool:
+        """The client will send nothing more. Like Redis, which runs what it has read and writes
+        the replies before it sees the end: answer what was sent, then close (True). A blocked
+        command (or a subscription) is abandoned at the end, as Redis frees such a client: False,
+        close now."""
+        for e in self.pending:
+            if not (e[3] if type(e) is tuple else (e.timed or e.kind != UPSTREAM)):
+                return False
+        self.closing = True
+        self._maybe_close()
+        return not self.closed
 
     def client_closed(self) -> None:
         """The client went away: its upstream connection is closed at once."""
@@ -368,9 +420,19 @@ class Session:
 
     @property
     def backlog(self) -> int:
-        """Commands held by this session (waiting, or awaiting a reply): the I/O layer pauses reading
-        from the client while this is large."""
-        return len(self.waiting) + len(self.pending) + self.queued
+        """Commands held by this session (waiting, or awaiting a reply; bytes held count 1 per 256):
+        the I/O layer pauses reading from the client while this is large."""
+        n = len(self.waiting) + len(self.pending) + self.queued + (self.waiting_bytes >> 8)
+        if not self.connected or self.held:
+            # nothing can go yet (the upstream connection is being opened, a rate limit or an
+            # AUTH check holds us): a large request is not streamed, so what it holds counts too
+            n += self.parser.buffered >> 8
+        return n + HELD_BACKLOG if self.stream == STREAM_HELD else n
+
+    @property
+    def awaiting_upstream(self) -> bool:
+        """Some reply is still to come from the upstream (not only local answers)."""
+        return any(type(e) is tuple or e.kind != LOCAL for e in self.pending)
 
     # -- dispatch ------------------------------------------------------------------------------
     def admit(self, args: list[bytes], info: Any, name: str) -> tuple[int, Any, str]:
@@ -395,6 +457,7 @@ class Session:
             upstream = self.stats.upstream
             tracker = self.stats.patterns
             tcur = tracker.cur if tracker is not None else None
+            stop = self._stop
             last = None  # the entry this batch appended last: equal neighbours share one
             done = 0
             for it in cmds:
@@ -410,9 +473,9 @@ class Session:
                         timed = True
                     else:
                         name = info.name
-                        if name in SPECIAL:
-                            break
                         timed = not info.blocking
+                    if name in stop:
+                        break
                     pat = tracker.pattern(name, info, args) if tracker is not None else None
                     n = 1
                 if last is not None and last[0] == name and last[3] is timed:
@@ -438,11 +501,15 @@ class Session:
         # the run of forwarded bytes not yet written starts at the beginning: the commands already
         # accounted for above go with it
         send_from = 0
+        end = len(raw)
         i = 0
         for args, s, e in cmds:
             verdict = self._route(args, now)
             if verdict is None:
                 i += 1
+                if self.quitting:  # the server reads nothing after QUIT
+                    end = e
+                    break
                 continue
             # Not forwarded as is: write the run before it, then handle it.
             if s > send_from:
@@ -453,6 +520,9 @@ class Session:
                 self._write_upstream(payload)
                 send_from = s  # the command itself goes with the next run
                 i += 1
+                if self.quitting:
+                    end = e
+                    break
                 continue
             if kind == Admission.WAIT:
                 for rest in cmds[i:]:
@@ -464,13 +534,21 @@ class Session:
             if kind == Admission.REPLACE:
                 self._write_upstream(payload)
             i += 1
-        if send_from < len(raw):
-            self._write_upstream(raw[send_from:] if send_from else raw)
+            if self.quitting:
+                end = send_from
+                break
+        if send_from < end:
+            self._write_upstream(raw[send_from:end] if send_from or end < len(raw) else raw)
 
     def _dispatch(self) -> None:
         """Slow path: dispatch what is waiting, in order, until something must wait."""
-        if not self.connected or self.closed:
+        if self.closed:
             return
+        if not self.connected and (self.authed or self.request_upstream is None):
+            self._want_upstream()
+            return
+        # connected, or not authenticated yet (and with no upstream connection until then: the
+        # proxy answers everything itself, see proxy.gate)
         self.held = False
         self.hold_limit = None  # set again by the policy if a rate limit holds us once more
         now = self.clock()
@@ -493,10 +571,25 @@ class Session:
                 self.closing = True
                 waiting.clear()
                 break
+            if not self.connected and self.authed:
+                break  # authenticated just now: the rest goes upstream, once there is one
             verdict = self._route(args, now)
+            if len(entry) == 4:  # the head of a streamed request (the last entry)
+                if verdict is not None and verdict[0] == Admission.WAIT:
+                    self.held = True
+                    break
+                waiting.popleft()
+                if out:
+                    self._write_upstream(b"".join(out))
+                    out = []
+                self._stream_go(verdict, raw)
+                continue
             if verdict is None:
                 waiting.popleft()
                 out.append(raw)
+                if self.quitting:
+                    waiting.clear()
+                    break
                 continue
             kind, payload = verdict
             if kind == Admission.WAIT:
@@ -509,9 +602,67 @@ class Session:
             elif kind == Admission.PREFIX:
                 out.append(payload)
                 out.append(raw)
+            if self.quitting:  # nothing after QUIT is read by the server
+                waiting.clear()
+                break
         if out:
             self._write_upstream(b"".join(out))
+        if not waiting:
+            self.waiting_bytes = 0
+        if not self.connected and self.authed:
+            self._want_upstream()
         self._maybe_close()
+        if self.wake is not None:
+            self.wake()
+
+    # -- streamed requests (large ones: see RequestParser) ------------------------------------
+    def _can_stream(self) -> bool:
+        """A large request may be streamed when it can go (or be answered) at once."""
+        return self.connected and not self.held and not self.waiting and not self.monitor
+
+    def _stream_head(self) -> None:
+        """A large request began (the last thing of this read): decide it now, on what is known
+        of it (its name, its first arguments), and forward its bytes as they come."""
+        args, head = self.parser.head  # type: ignore[misc]
+        self.parser.head = None
+        verdict = None if self.waiting or self.held else self._route(args, self.clock())
+        if self.waiting or self.held or (verdict is not None and verdict[0] == Admission.WAIT):
+            # held by a rate limit: keep only its head; reading pauses (backlog) until it goes
+            self.waiting.append((args, head, None, None))
+            self.held = True
+            self.stream = STREAM_HELD
+            return
+        self._stream_go(verdict, head)
+
+    def _stream_go(self, verdict: tuple[int, Any] | None, head: bytes) -> None:
+        if verdict is None or verdict[0] == Admission.PREFIX:
+            self._write_upstream(head if verdict is None else verdict[1] + head)
+            self.stream = STREAM_FORWARD
+            if self.stream_buf:
+                self._write_upstream(b"".join(self.stream_buf))
+        else:  # answered by the proxy (or replaced): the rest is read and dropped
+            if verdict[0] == Admission.REPLACE:
+                self._write_upstream(verdict[1])
+            self.stream = STREAM_DROP
+        self.stream_buf.clear()
+        if not self.parser.streaming:
+            self.stream = 0
+
+    def _stream_more(self) -> None:
+        pre, self.parser.pre = self.parser.pre, None
+        if self.stream == STREAM_FORWARD:
+            self._write_upstream(pre)  # type: ignore[arg-type]
+        elif self.stream == STREAM_HELD:
+            self.stream_buf.append(pre)  # type: ignore[arg-type]  (the I/O layer pauses first)
+            return
+        parser = self.parser
+        if (not parser.streaming and parser.error is None) or parser.head is not None:
+            self.stream = 0  # it ended (and perhaps a new one began after it)
+
+    def _want_upstream(self) -> None:
+        request, self.request_upstream = self.request_upstream, None
+        if request is not None and not self.closed:
+            request()
 
     def _enforce_hold_limit(self) -> None:
         """Held by a rate limit: commands beyond its queue bound (the held one included in the count)
@@ -522,7 +673,7 @@ class Session:
             return
         for i in range(limit, len(waiting)):
             entry = waiting[i]
-            if entry[0]:
+            if entry[0] and len(entry) != 4:  # (a streamed request's head waits its turn)
                 waiting[i] = ([], self.hold_reject, cmdtable.command_name(entry[0]))
 
     def resume(self) -> None:
@@ -545,6 +696,8 @@ class Session:
                 self._answer(payload, name, client)
                 if self.close_after_reply:
                     self.closing = True
+                if name == "quit":
+                    self.quitting = True
                 return Admission.REPLY, None
             if kind == Admission.INJECT_REPLY:
                 upstream_bytes, reply, outcome = payload
@@ -558,10 +711,11 @@ class Session:
         if tracker is not None:
             tracker.add(client, name, tracker.pattern(name, info, args))
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
-        if not (silent or self.multi_view or name in SPECIAL):
+        blocking = info is not None and info.blocking
+        if not (silent or self.multi_view or blocking or name in SPECIAL):
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
-            self.pending.append((name, client, now, not (info is not None and info.blocking), 1))
+            self.pending.append((name, client, now, True, 1))
             self.queued += 1
             return replaced
         e = Pending(name, client, UPSTREAM, now, None)
@@ -572,8 +726,11 @@ class Session:
         self.reply_skip = False
         if name in SPECIAL:
             self._special_send(e, args)
-        elif info is not None and info.blocking:
+        elif blocking:
             e.timed = False
+            # when its reply is due at the latest (an upstream that says nothing by then stalls)
+            timeout = block_timeout(name, args) if name in BLOCKING else None
+            e.deadline = now + timeout if timeout else None
         if silent and not (name == "client|reply" and e.expect == 1):
             e.expect = 0
         if e.expect == 0 and not self.pending:
@@ -595,16 +752,13 @@ class Session:
             if name == "reset":
                 self.reply_off = self.reply_skip = False
         elif name == "client|setname" and len(args) == 3 and _valid_name(args[2]):
-            # the server runs what follows under the new name: label it so now (undone on error)
-            e.reply = self.name or b""
-            self.name = args[2] or None
-            self.client = self._compute_label()
+            self._rename(e, args[2])
         elif name == "hello":
             for i in range(2, len(args) - 1):
                 if args[i].lower() == b"setname" and _valid_name(args[i + 1]):
-                    e.reply = self.name or b""
-                    self.name = args[i + 1] or None
-                    self.client = self._compute_label()
+                    self._rename(e, args[i + 1])
+        elif name == "quit":
+            self.quitting = True  # what the client sends after it is neither forwarded nor counted
         elif name == "client|reply" and len(args) >= 3:
             mode = args[2].lower()
             if mode == b"off":
@@ -618,6 +772,17 @@ class Session:
                 self.reply_off = self.reply_skip = False
                 e.expect = 1
 
+    def _rename(self, e: Pending, name: bytes) -> None:
+        if self.multi_view:
+            # queued: the server renames the connection when EXEC runs it, and until then every
+            # command (the transaction's too) is charged to the name it has now
+            self.tx_name = name
+            return
+        # the server runs what follows under the new name: label it so now (undone on error)
+        e.reply = self.name or b""
+        self.name = name or None
+        self.client = self._compute_label()
+
     def _answer(self, reply: bytes, name: str | None, client: str | None) -> None:
         """Queue a local reply behind everything still pending (or send it now)."""
         if not self.pending:
@@ -630,8 +795,16 @@ class Session:
 
     def _passthrough_commands(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
         # MONITOR mode: replies cannot be told from the monitor stream; count and pass bytes through.
-        for args, _s, _e in cmds:
+        slow = self.slow_names
+        for args, s, _e in cmds:
             name = cmdtable.command_name(args)
+            if name in slow and self.policy.deny_reply(args, name) is not None:
+                # its refusal has no place in the monitor stream: what came before it goes, then the
+                # connection closes
+                self._write_upstream(raw[:s])
+                self.stats.count_command(self.client, name, "rejected:denied")
+                self.closing = True
+                return
             self.stats.count_upstream(self.client, name)
             self.stats.count_command(self.client, name, "ok")
         self._write_upstream(raw)
@@ -640,7 +813,6 @@ class Session:
     def upstream_data(self, data: bytes) -> None:
         if self.closed:
             return
-        self.got_reply = True
         self.stats.bytes["from_upstream"] += len(data)
         if self.monitor:
             self.stats.pushes += data.count(b"\r\n")
@@ -649,11 +821,21 @@ class Session:
         was_in_frame = self.framer.in_frame
         try:
             frames = self.framer.feed(data)
-        except ProtocolError as exc:
+        except ProtocolError:
+            # not a Redis server (an HTTP service, a TLS port): say what came back, to the client
+            # and in the log, and count the upstream as failed
             self.stats.upstream_error("protocol")
-            self.upstream_lost("protocol error from upstream: %s" % exc)
+            reason = resp.describe_non_resp(data)
+            if self.stats.on_upstream_broken is not None:
+                self.stats.on_upstream_broken(reason)
+            self.refuse(encode_error("ERR " + reason))
             return
         now = self.clock()
+        self.last_reply_at = now
+        if not self.got_reply:
+            self.got_reply = True  # the first RESP from this connection: the upstream speaks it
+            if self.stats.on_upstream_reply is not None:
+                self.stats.on_upstream_reply()
         errors = False
         if self.n_special == 0 and not self.internal_buf:
             # Fast path: every byte goes to the client as it came.
@@ -931,10 +1113,15 @@ class Session:
             if self.in_multi and kind == KIND_ARRAY:
                 for client, cmd in self.tx_queued:
                     self.stats.count_upstream(client, cmd)
+                if self.tx_name is not None:
+                    self.name = self.tx_name or None
+                    self.client = self._compute_label()
             self.tx_queued.clear()
+            self.tx_name = None
             self.in_multi = False
         elif name == "discard":
             self.tx_queued.clear()
+            self.tx_name = None
             self.in_multi = False
         if error and name in ("client|setname", "hello") and e.reply is not None:
             self.name = e.reply or None  # refused: the name it had before
@@ -948,6 +1135,7 @@ class Session:
             self.client = self._compute_label()
             self.channels = self.patterns = self.shard_channels = 0
             self.tx_queued.clear()
+            self.tx_name = None
             self.in_multi = False
             self.monitor = False
             return
@@ -1001,6 +1189,30 @@ class Session:
             if self._close_upstream is not None:
                 self._close_upstream()
             self._close_client()
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """The upstream has said nothing for ``timeout`` seconds while a reply is due: a command
+        that does not block waits longer than that for its reply (or the rest of it), or a blocking
+        one longer than its own timeout plus that margin."""
+        if not self.connected or not self.pending:
+            return False
+        h = self.pending[0]
+        if type(h) is tuple:
+            since, deadline = h[2], None
+        else:
+            if h.kind == LOCAL or h.expect == 0:
+                return False
+            if not h.timed:
+                if h.deadline is None:  # blocks for ever, or a subscription: it may wait
+                    return False
+                return now - max(h.deadline, self.last_reply_at) > timeout
+            since = h.t0
+        return now - max(since, self.last_reply_at) > timeout
+
+    def upstream_timeout(self, timeout: float) -> None:
+        """The upstream stalled (see :meth:`stalled`): every command waiting gets an error, and the
+        connection closes (a late reply could no longer be paired)."""
+        self.refuse(encode_error(f"ERR upstream timeout: no reply in {timeout:g}s"))
 
     @property
     def idle(self) -> bool:

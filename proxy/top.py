@@ -19,7 +19,10 @@ from .config import parse_hostport
 def scrape(admin: str) -> dict[str, Any]:
     host, port = parse_hostport(admin, "--admin")
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:  # noqa: S310 - admin endpoint
+    from .admin import client_headers
+
+    headers = client_headers()  # RESPMETER_ADMIN_TOKEN(_FILE), when the endpoint wants a token
+    with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=headers), timeout=5) as r:  # noqa: S310
         text = r.read().decode()
     snap: dict[str, Any] = {"t": time.monotonic(), "by_command": {}, "by_client": {}, "outcomes": {}, "throttled": {}, "up": None}
     for fam in text_string_to_metric_families(text):
@@ -40,7 +43,7 @@ def scrape(admin: str) -> dict[str, Any]:
     try:
         import json
 
-        with urllib.request.urlopen(base + "/api/usage", timeout=5) as r:  # noqa: S310
+        with urllib.request.urlopen(urllib.request.Request(base + "/api/usage", headers=headers), timeout=5) as r:  # noqa: S310
             snap["usage"] = json.load(r)
     except (OSError, ValueError):
         snap["usage"] = None

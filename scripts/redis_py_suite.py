@@ -139,6 +139,10 @@ def start_redis(procs: Procs, workdir: Path, tag: str, server: str) -> tuple[int
 
 def start_proxy(procs: Procs, workdir: Path, python: str, redis_port: int, extra: list[str],
                 tag: str, proxy_dir: Path) -> tuple[int, subprocess.Popen]:
+    if (proxy_dir / "proxy" / "commandpolicy.py").exists():
+        # the suite needs CONFIG, DEBUG, ACL...: the proxy passes everything through, as the server
+        # of the direct run does (a snapshot older than the command policy denies nothing anyway)
+        extra = ["--deny-commands", "", *extra]
     port, _admin, p = harness.start_proxy(procs, workdir, python, redis_port, extra, proxy_dir, tag)
     return port, p
 

@@ -454,94 +454,207 @@ def test_identity_order() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# slowing down repeated failures
+# the failed-login budget of a source address
 # ---------------------------------------------------------------------------------------------
 
 
-def test_failure_throttle_schedule() -> None:
+def test_failure_budget_is_a_token_bucket() -> None:
     t = Timers()
-    th = FailureThrottle(clock=lambda: t.now)
-    delays = []
+    th = FailureThrottle(burst=10, per=5.0, clock=lambda: t.now)
     for _ in range(10):
-        delays.append(th.delay("a"))
-        th.failed("a")
-    assert delays[:3] == [0, 0, 0]
-    assert delays[3:7] == pytest.approx([0.1, 0.2, 0.4, 0.8])
-    assert max(delays) == 5.0
-    assert th.delay("b") == 0  # per address
-    th.succeeded("a")
-    assert th.delay("a") == 0
-    for _ in range(5):
-        th.failed("a")
-    assert th.delay("a") > 0
-    t.now += 601
-    assert th.delay("a") == 0  # forgiven after quiet minutes
+        assert th.begin("a") == 0
+        th.end("a", failed=True)
+    assert th.begin("a") == pytest.approx(5.0)  # the 11th waits for a refill
+    assert th.begin("b") == 0  # per address
+    th.end("b", failed=True)
+    t.now += 4.9
+    assert th.begin("a") == pytest.approx(0.1)
+    t.now += 0.1
+    assert th.begin("a") == 0  # one failure every 5 s
+    th.end("a", failed=True)
+    assert th.begin("a") == pytest.approx(5.0)
+    t.now += 50
+    assert th.left("a") == 10  # full again after 50 quiet seconds
+    for _ in range(10):
+        assert th.begin("a") == 0
+        th.end("a", failed=True)
+    assert th.begin("a") > 0
 
 
-def test_repeated_wrong_passwords_are_delayed() -> None:
+def test_a_success_gives_back_only_its_own_unit() -> None:
+    """Issue 10: one valid account logging in between guesses must not restore the budget."""
     t = Timers()
-    g = Gate(verifier=Verifier(users()), call_later=t.call_later, clock=lambda: t.now)
+    th = FailureThrottle(burst=10, per=5.0, clock=lambda: t.now)
+    for _ in range(9):
+        assert th.begin("a") == 0
+        th.end("a", failed=True)
+    for _ in range(50):  # a valid login between every guess
+        assert th.begin("a") == 0
+        th.end("a", failed=False)
+        assert th.left("a") == pytest.approx(1.0)
+    assert th.begin("a") == 0
+    th.end("a", failed=True)
+    assert th.begin("a") == pytest.approx(5.0)  # the valid logins gave nothing back
+
+
+def test_running_checks_hold_budget() -> None:
+    """Parallel connections cannot run more checks than the failures the address has left."""
+    t = Timers()
+    th = FailureThrottle(burst=10, per=5.0, clock=lambda: t.now)
+    for _ in range(10):
+        assert th.begin("a") == 0
+    assert th.begin("a") == pytest.approx(5.0)
+    th.end("a", failed=False)  # one check succeeded: its unit is free again
+    assert th.begin("a") == 0
+    for _ in range(10):
+        th.end("a", failed=True)
+    assert th.left("a") == pytest.approx(0.0)
+
+
+def test_failure_budget_memory_is_bounded() -> None:
+    t = Timers()
+    th = FailureThrottle(burst=2, per=1.0, clock=lambda: t.now, max_addresses=100)
+    for i in range(1000):
+        th.begin(f"10.0.{i // 256}.{i % 256}")
+        th.end(f"10.0.{i // 256}.{i % 256}", failed=True)
+    assert len(th._state) <= 100
+    th.begin("x")
+    th.end("x", failed=False)
+    assert "x" not in th._state  # a full, idle budget is not kept
+
+
+def _offload_gate(t: Timers) -> tuple[Gate, list]:
+    jobs: list = []
+    g = Gate(verifier=Verifier(users(), lambda fn, done: jobs.append((fn, done))), call_later=t.call_later,
+             clock=lambda: t.now)
+    return g, jobs
+
+
+def _run_jobs(jobs: list) -> None:
+    while jobs:
+        fn, done = jobs.pop(0)
+        done(fn())
+
+
+def test_guesses_past_the_budget_wait_before_any_hashing() -> None:
+    t = Timers()
+    g, jobs = _offload_gate(t)
+    plays = [Play(gate=g, timers=t) for _ in range(12)]  # parallel connections, one address
+    for i, p in enumerate(plays):
+        p.send(C("AUTH", "alice", f"guess-{i}"))
+    assert len(jobs) == 10  # the 11th and 12th hash nothing yet
+    assert all(p.got() == b"" for p in plays)
+    _run_jobs(jobs)
+    assert [b"".join(p.to_client) for p in plays[:10]] == [WRONGPASS] * 10
+    assert plays[10].to_client == [] and plays[11].to_client == [] and jobs == []
+    t.advance(5.01)
+    assert len(jobs) == 1  # one more check every 5 s, first come first served
+    _run_jobs(jobs)
+    assert b"".join(plays[10].to_client) == WRONGPASS and plays[11].to_client == []
+    t.advance(5.01)
+    _run_jobs(jobs)
+    assert b"".join(plays[11].to_client) == WRONGPASS
+
+
+def test_a_valid_login_between_guesses_does_not_reset_the_budget() -> None:
+    t = Timers()
+    g, jobs = _offload_gate(t)
+    guesser = Play(gate=g, timers=t)
+    answered = 0
+    for i in range(30):
+        ok = Play(gate=g, timers=t)
+        ok.send(C("AUTH", "alice", ALICE_PW))
+        _run_jobs(jobs)
+        guesser.to_client.clear()
+        guesser.s.client_data(C("AUTH", "default", f"guess-{i}"))
+        _run_jobs(jobs)
+        answered += guesser.to_client.count(WRONGPASS)
+    assert answered == 10  # the burst, and then the guesses wait
+    assert guesser.s.held
+
+
+def test_a_client_leaving_during_its_check_still_spends_its_unit() -> None:
+    t = Timers()
+    g, jobs = _offload_gate(t)
+    for i in range(10):
+        p = Play(gate=g, timers=t)
+        p.send(C("AUTH", "alice", f"guess-{i}"))
+        p.s.client_closed()  # gone before the answer could tell it anything
+    _run_jobs(jobs)
+    assert g.throttle.left("10.0.0.7") == pytest.approx(0.0)
+    late = Play(gate=g, timers=t)
+    late.send(C("AUTH", "alice", "guess-late"))
+    assert jobs == [] and late.got() == b""
+
+
+def test_parked_clients_that_leave_are_forgotten_and_successes_wake_the_next() -> None:
+    t = Timers()
+    g, jobs = _offload_gate(t)
+    holders = [Play(gate=g, timers=t) for _ in range(10)]
+    for p in holders:
+        p.send(C("AUTH", "alice", ALICE_PW))  # ten checks running: the budget is held
+    assert len(jobs) == 1  # one hash for the ten identical pairs
+    gone, waiting = Play(gate=g, timers=t), Play(gate=g, timers=t)
+    gone.send(C("AUTH", "alice", "guess-a"))
+    waiting.send(C("AUTH", "alice", "guess-b"))
+    gone.s.client_closed()
+    fn, done = jobs.pop()
+    done(fn())  # the ten succeed: their units come back and wake the waiting client
+    assert all(b"".join(p.to_client) == b"+OK\r\n" for p in holders)
+    assert len(jobs) == 1 and gone.to_client == []
+    _run_jobs(jobs)
+    assert b"".join(waiting.to_client) == WRONGPASS
+    assert not g._parked and not g._checking
+
+
+def test_a_known_wrong_pair_is_answered_at_once_and_costs_nothing() -> None:
+    """A careless client retrying the same wrong password learns nothing new: no budget, no hash."""
+    t = Timers()
+    g, jobs = _offload_gate(t)
     p = Play(gate=g, timers=t)
-    for _ in range(3):  # free
-        p.send(C("AUTH", "alice", "wrong"))
-        assert p.got() == WRONGPASS
-    # 4th: held 0.1 s
-    p.send(C("AUTH", "alice", "wrong"), C("PING"))
-    assert p.got() == b""
-    assert p.s.held
-    t.advance(0.05)
-    assert b"".join(p.to_client) == b""
-    t.advance(0.05)
-    assert b"".join(p.to_client) == WRONGPASS + NOAUTH  # then the pipelined PING, in order
-    # 5th: 0.2 s
-    p.send(C("AUTH", "alice", "wrong"))
-    t.advance(0.19)
-    assert p.got() == b""
-    t.advance(0.011)
-    assert p.got() == WRONGPASS
-    # another connection from the same address is slowed down too
-    q = Play(gate=g, timers=t)
-    q.send(C("AUTH", "alice", "wrong"))
-    assert q.got() == b""
-    t.advance(0.4)
-    assert q.got() == WRONGPASS
-    # a different address is not
-    r = Play(gate=g, timers=t, peer="('10.9.9.9', 1)")
-    r.send(C("AUTH", "alice", "wrong"))
-    assert r.got() == WRONGPASS
+    p.send(C("AUTH", "alice", "stale-password"))
+    _run_jobs(jobs)
+    assert b"".join(p.to_client) == WRONGPASS
+    for _ in range(100):
+        assert p.send(C("AUTH", "alice", "stale-password")) == b""
+        assert p.got() == WRONGPASS and jobs == []
+    assert g.throttle.left("10.0.0.7") == pytest.approx(9.0)
 
 
-def test_delayed_failure_survives_a_timer_firing_early() -> None:
+def test_parked_login_survives_a_timer_firing_early() -> None:
     """Real timers may fire a hair before the deadline the gate computed with its own clock
-    (uvloop rounds to milliseconds and measures from its cached loop time). The held client must
-    still get its answer: either the gate re-arms the timer or it accepts the early wake-up."""
+    (uvloop rounds to milliseconds). The held client must still get its answer."""
     t = Timers()
     g = Gate(verifier=Verifier(users()), call_later=t.call_later, clock=lambda: t.now)
     p = Play(gate=g, timers=t)
-    for _ in range(3):
-        p.send(C("AUTH", "alice", "wrong"))
-    p.send(C("AUTH", "alice", "wrong"))
+    for i in range(10):
+        p.send(C("AUTH", "alice", f"wrong-{i}"))
+        assert p.got() == WRONGPASS
+    p.send(C("AUTH", "alice", "wrong-10"))
+    assert p.got() == b"" and p.s.held
     assert len(t.pending) == 1
     when, fn = t.pending.pop()
-    t.now = when - 0.0005  # the timer fires 0.5 ms early
+    t.now = when - 0.0015  # the timer fires 1.5 ms early
     fn()
-    # either answered now, or a new timer was armed that will answer it
     if not p.to_client:
         assert t.pending, "held AUTH has no timer left: the client would hang forever"
         t.advance(0.01)
     assert b"".join(p.to_client) == WRONGPASS
 
 
-def test_success_clears_failures() -> None:
+def test_correct_password_after_the_budget_is_spent_waits_too() -> None:
+    """Past the budget nothing is checked, so a correct password cannot be told apart either."""
     t = Timers()
     g = Gate(verifier=Verifier(users()), call_later=t.call_later, clock=lambda: t.now)
     p = Play(gate=g, timers=t)
-    for _ in range(3):
-        p.send(C("AUTH", "alice", "wrong"))
-    p.send(C("AUTH", "alice", ALICE_PW))
-    assert p.got() == b"+OK\r\n"  # a correct password is never delayed
-    p.send(C("AUTH", "alice", "wrong"))
-    assert p.got() == WRONGPASS  # counting starts again
+    for i in range(10):
+        p.send(C("AUTH", "alice", f"wrong-{i}"))
+    p.send(C("AUTH", "alice", ALICE_PW), C("PING"))
+    assert p.got() == b""
+    t.advance(5.01)
+    assert b"".join(p.to_client) == b"+OK\r\n"  # checked once the budget allows, then accepted
+    assert b"".join(p.to_upstream) == C("PING")
+    assert p.s.authed and p.s.client == "billing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,8 +677,12 @@ def test_verifier_offloads_and_caches() -> None:
     done(fn())
     assert sorted(woke) == [1, 2]
     assert v.check(b"alice", ALICE_PW, lambda: None) is True
-    assert v.check(b"nobody", ALICE_PW, lambda: None) is False
     assert not jobs
+    # an unknown user costs a hash like a wrong password (no timing difference), and fails
+    assert v.check(b"nobody", ALICE_PW, lambda: None) is None
+    fn, done = jobs.pop()
+    done(fn())
+    assert v.check(b"nobody", ALICE_PW, lambda: None) is False
     # the plain password is not kept anywhere in the verifier
     assert ALICE_PW not in repr(vars(v)).encode()
 
@@ -644,3 +761,22 @@ def test_quota_error_split_across_reads() -> None:
     for i in range(0, len(QUOTA), 7):
         p.reply(QUOTA[i : i + 7])
     assert p.stats.upstream_quota_exceeded == 1
+
+
+def test_failure_budget_is_per_ipv4_address_and_per_ipv6_64() -> None:
+    from proxy.gate import budget_key
+
+    assert budget_key("10.0.0.7") == "10.0.0.7"
+    assert budget_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert budget_key("2001:db8:1:2:aaaa::1") == budget_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert budget_key("2001:db8:1:3::1") != budget_key("2001:db8:1:2::1")
+    assert budget_key("unix") == "unix"
+    t = Timers()
+    g = Gate(verifier=Verifier(users()), call_later=t.call_later, clock=lambda: t.now)
+    for i in range(10):  # a host rotating through its /64 spends one budget
+        p = Play(gate=g, timers=t, peer=f"('2001:db8::{i + 1:x}', 40000, 0, 0)")
+        p.send(C("AUTH", "alice", f"wrong-{i}"))
+        assert p.got() == WRONGPASS
+    p = Play(gate=g, timers=t, peer="('2001:db8::ff', 40000, 0, 0)")
+    p.send(C("AUTH", "alice", "wrong-x"))
+    assert p.got() == b"" and p.s.held

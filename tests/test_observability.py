@@ -666,6 +666,9 @@ def test_deploy_kit_agrees_with_cli() -> None:
     opts, listens, upstream = resolve_env(denv)
     with pytest.raises(ConfigError, match="without client authentication"):
         check_safety(opts, listens, upstream)
+    # ... and until they choose RESPMETER_ADMIN_TOKEN(_FILE) or RESPMETER_ALLOW_UNAUTHENTICATED_ADMIN
+    with pytest.raises(ConfigError, match="admin endpoint on 0.0.0.0:9380 without a token"):
+        check_safety({**opts, "allow_unauthenticated": True}, listens, upstream)
 
     # -- docker compose -------------------------------------------------------------------------
     services = compose()["services"]
@@ -674,8 +677,8 @@ def test_deploy_kit_agrees_with_cli() -> None:
         ROOT / "Dockerfile"
     cenv = {**denv, **compose_env(rm)}
     opts, listens, upstream = resolve_env(cenv)
-    check_safety(opts, listens, upstream)  # compose chose RESPMETER_ALLOW_UNAUTHENTICATED
-    assert opts["allow_unauthenticated"] is True
+    check_safety(opts, listens, upstream)  # compose chose RESPMETER_ALLOW_UNAUTHENTICATED(_ADMIN)
+    assert opts["allow_unauthenticated"] is True and opts["allow_unauthenticated_admin"] is True
     assert {_port(x) for x in opts["listen"]} == {proxy_port} and _port(opts["admin"]) == admin_port
     published = {}
     for p in rm["ports"]:
@@ -688,6 +691,17 @@ def test_deploy_kit_agrees_with_cli() -> None:
     (scrape,) = load_yaml(PROM_CONFIG)["scrape_configs"]
     (targets,) = [sc["targets"] for sc in scrape["static_configs"]]
     assert targets == [f"respmeter:{admin_port}"] and scrape.get("metrics_path", "/metrics") == "/metrics"
+    # how to send an admin token is shown (commented out: the compose demo runs without one)
+    lines = PROM_CONFIG.read_text().splitlines()
+    (start,) = [i for i, ln in enumerate(lines) if ln.strip() == "# authorization:"]
+    col = lines[start].index("#")
+    block = [lines[start]]
+    for ln in lines[start + 1:]:
+        if not ln[col:].startswith("#   "):
+            break
+        block.append(ln)
+    auth = need_yaml().safe_load("\n".join(ln[col + 2:] for ln in block))["authorization"]
+    assert auth["type"] == "Bearer" and auth["credentials_file"], auth
 
     # -- Kubernetes -----------------------------------------------------------------------------
     docs = k8s_docs()
@@ -697,8 +711,8 @@ def test_deploy_kit_agrees_with_cli() -> None:
                                                  if p.name != "kustomization.yaml")
     kenv = {**denv, **k8s_env()}
     opts, listens, upstream = resolve_env(kenv)
-    check_safety(opts, listens, upstream)  # k8s chose proxy users
-    assert opts["users"]
+    check_safety(opts, listens, upstream)  # k8s chose proxy users and an admin token
+    assert opts["users"] and opts["admin_token"]
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}

@@ -21,7 +21,8 @@ from proxy import resp
 from proxy.metrics import Stats
 from proxy.patterns import PatternTracker
 from proxy.resp import NOKEY, ProtocolError, RequestParser, encode_command, expand
-from proxy.session import PLAIN, Session
+from proxy.paths import PLAIN
+from proxy.session import Session
 
 pytestmark = pytest.mark.skipif(resp._speedups is None, reason="proxy._speedups is not built")
 SCALE = max(1, int(os.environ.get("RESPMETER_FUZZ_SCALE", "1") or 1))
@@ -212,7 +213,7 @@ def test_request_parser_matches_reference(requests: list[bytes], data: st.DataOb
 
 def test_expand_keeps_the_framing_parsers_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run framed under a larger --max-bulk than the default is expanded whole (it once vanished)."""
-    monkeypatch.setattr(RequestParser.__init__, "__defaults__", (100, 10_000, None, None))
+    monkeypatch.setattr(RequestParser.__init__, "__defaults__", (100, 10_000, None, None, frozenset()))
     data = encode_command([b"SET", b"k", b"v" * 500]) * 2
     p = RequestParser(max_bulk=1000, max_query=100_000, names=PLAIN)
     items, raw = p.feed(data)
