@@ -24,6 +24,8 @@ from .resp import hot_path
 
 
 def _shown_default(o: Option) -> str:
+    if o.shown_default is not None:
+        return o.shown_default()
     d = o.default
     if o.multiple:
         return ",".join(d) if d else "none"
@@ -87,6 +89,25 @@ def resolve(
     return out
 
 
+RUN_DESCRIPTION = (
+    "Run the proxy. Every flag below is also an environment variable: --foo-bar is RESPMETER_FOO_BAR "
+    "(a repeatable flag's variable takes a comma-separated list; --rate-limit's a ';'-separated one), and "
+    "a setting of the config file (--config; see the README). A flag wins over the environment, which wins "
+    "over the config file, which wins over the default."
+)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. It reports its own unrecognized arguments, with its own usage
+    (``usage: respmeter run ...``), where argparse would leave them to the top-level parser."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="respmeter",
@@ -94,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and protects per-command-billed Redis plans.",
     )
     p.add_argument("--version", action="version", version=f"respmeter {__version__} (hot path: {hot_path()})")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="run the proxy", description="Run the proxy. " + (__doc__ or "").split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    run = sub.add_parser("run", help="run the proxy", description=RUN_DESCRIPTION)
     _add_options(run, RUN_OPTIONS)
     hp = sub.add_parser(
         "hash-password",
@@ -106,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--stdin", action="store_true", help="read the password from standard input")
     cc = sub.add_parser("check-config", help="validate a config file", description="Check a TOML config "
                         "file and print every problem with its place. Exit status 1 if there is any.")
-    cc.add_argument("file")
+    cc.add_argument("file", metavar="FILE", help="the TOML config file to check (the one --config takes)")
     us = sub.add_parser("usage", help="today's and this month's usage against the caps",
                         description="Print today's and this month's billable usage, per client and per command, "
                         "with caps, remaining budget and a projection. Reads a running proxy's admin API, or "
@@ -478,6 +499,15 @@ def downstream_ssl_context(opts: dict[str, Any]) -> Any:
     return ctx
 
 
+def os_reason(exc: OSError) -> str:
+    """The operating system's reason alone ('Address already in use'), without asyncio's wording."""
+    import socket
+
+    if not isinstance(exc, socket.gaierror) and exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 def fd_headroom(max_clients: int, log: logging.Logger) -> None:
     """Each client takes two descriptors (its own and its upstream's): raise the soft limit toward
     the hard one when --max-clients needs it, and say so when it still falls short."""
@@ -537,6 +567,39 @@ class App:
             self.log.warning(
                 "the admin endpoint %s:%d has no token (--allow-unauthenticated-admin): anyone who can "
                 "reach it reads the metrics, usage and key patterns", host, port)
+
+    async def _start_listeners(self, proxy: Any, admin: Any) -> bool:
+        """Bind every --listen, then the admin endpoint; on failure log which one, its address and the
+        OS's reason, close what was bound and return False."""
+        try:
+            await proxy.start()
+        except OSError as exc:
+            bound = len(proxy.servers)  # Proxy.start binds the listens in order, keeping each server
+            failed = f"--listen {self.listens[bound]}" if bound < len(self.listens) else "--listen"
+            self.log.error("cannot listen for clients on %s: %s", failed, os_reason(exc))
+            await proxy.shutdown(0)
+            return False
+        host, port = self.admin_addr
+        try:
+            await admin.start(host, port)
+        except OSError as exc:
+            self.log.error("cannot listen for the admin endpoint on --admin %s: %s",
+                           Listen(None, host=host, port=port), os_reason(exc))
+            await proxy.shutdown(0)
+            return False
+        return True
+
+    def _log_startup(self, state_dir: str) -> None:
+        """What this process is doing, in two lines (the upstream's password masked)."""
+        self.log.info("respmeter %s proxying to %s (loop: %s, hot path: %s), state directory %s",
+                      __version__, self.upstream.masked(), self.loop_name, hot_path(), state_dir)
+        from .limits import CapConfig
+
+        caps = self.caps or CapConfig()
+        per_client = ", ".join(f"{ident} " + " ".join(f"{w}={n}" for w, n in sorted(windows.items()))
+                               for ident, windows in sorted(caps.clients.items()) if windows)
+        self.log.info("caps: daily %s, monthly %s, per client %s; timezone %s; on_cap %s", caps.daily or "none",
+                      caps.monthly or "none", per_client or "none", caps.timezone, caps.on_cap)
 
     async def main(self) -> int:
         from prometheus_client import CollectorRegistry
@@ -653,9 +716,14 @@ class App:
             from .patterns import PatternTracker
 
             stats.patterns = PatternTracker(opts["pattern_limit"])
-        limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats)
+        from .handshake import HandshakeBook
+
+        book = HandshakeBook()
+        limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats,
+                        handshake=book)
         self.limits = limits
         gate = Gate(
+            handshake=book,
             verifier=verifier,
             upstream_auth=UpstreamAuth(upstream.username, upstream.password, upstream.db),
             limits=limits,
@@ -689,20 +757,9 @@ class App:
             return json_response(live_traffic(stats, limits, window))
 
         admin.add_route("/api/traffic", api_patterns)
-        try:
-            await proxy.start()
-            await admin.start(*self.admin_addr)
-        except OSError as exc:
-            self.log.error("cannot listen: %s", exc)
-            await proxy.shutdown(0)
+        if not await self._start_listeners(proxy, admin):
             return 1
-        self.log.info(
-            "respmeter %s proxying to %s (loop: %s, hot path: %s)",
-            __version__,
-            upstream.masked(),
-            self.loop_name,
-            hot_path(),
-        )
+        self._log_startup(state_dir)
         if hot_path() != "C" and os.environ.get("RESPMETER_PURE_PYTHON", "") in ("", "0"):
             self.log.warning(
                 "the C hot path (proxy._speedups) is not built: counting is exact, but pipelined "

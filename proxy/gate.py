@@ -31,6 +31,7 @@ log = logging.getLogger("respmeter.gate")
 
 FORWARD = (Admission.FORWARD, None, "")
 OK = b"+OK\r\n"
+UPSTREAM_REFUSED = encode_error("ERR upstream rejected the proxy's credentials")
 DENIED = "rejected:denied"
 # Redis's own answer to an EXEC after a command was refused while queueing
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
@@ -53,8 +54,11 @@ class Gate:
         on_upstream_auth_error: Callable[[str], None] | None = None,
         on_upstream_auth_ok: Callable[[], None] | None = None,
         commands: CommandPolicy | None = None,
+        handshake: Any = None,
     ) -> None:
         self.verifier = verifier
+        # proxy.handshake.HandshakeBook: sessions record the server's handshake replies into it
+        self.handshake = handshake
         self.upstream_auth = upstream_auth if upstream_auth is not None and upstream_auth.active else None
         self.limits = limits
         self.throttle = throttle or FailureThrottle(clock=clock)
@@ -81,6 +85,8 @@ class Gate:
             session.on_close.append(lambda: self._forget(session))
         session.tx_denied = False  # a command was denied inside MULTI: its EXEC aborts
         session.hello_authed = False  # HELLO ... AUTH checked, waiting for the upstream connection
+        session.up_pending = 0  # the proxy's handshake commands still to be answered
+        session.up_refused = False  # ... and one of them was refused
         if self.limits is not None:
             self.limits.init_session(session)
 
@@ -110,6 +116,10 @@ class Gate:
                 return self._abort_exec(session)
             if name in ("discard", "reset"):
                 session.tx_denied = False
+        if session.up_pending:
+            # The proxy's credentials are being checked upstream: nothing of the client's goes
+            # before the answer (if they are refused, nothing goes at all: fail closed).
+            return Admission.WAIT, None, ""
         if name == "reset" and not session.up_ready and self.upstream_auth is not None:
             # nothing was sent upstream yet: a local RESET is exact
             self._after_reset(session, name)
@@ -125,26 +135,32 @@ class Gate:
                 merge_into_hello = True
             else:
                 handshake = self.upstream_auth.commands()
+        if handshake:
+            # The proxy's own AUTH (and SELECT) go first, alone; the command waits for their
+            # answer and is looked at again then (see _handshake_reply).
+            if self.limits is not None:
+                verdict = self.limits.charge(session, len(handshake), args, name)
+                if verdict is not None:
+                    return verdict
+            session.up_pending = len(handshake)
+            for c in handshake:
+                session.send_internal(c, lambda error, data: self._handshake_reply(session, error, data))
+            return Admission.WAIT, None, ""
         if self.limits is not None:
-            verdict = self.limits.admit(session, args, info, name, len(handshake))
+            verdict = self.limits.admit(session, args, info, name, 0)
             if verdict is not None:
                 return verdict
         if merge_into_hello:
-            session.up_ready = True
+            # HELLO carries the proxy's AUTH (one command, not two); what follows waits for its reply
             assert hello_args is not None and self.upstream_auth is not None
+            session.up_pending = 1
             new = hello_args[:2] + self.upstream_auth.hello_auth() + hello_args[2:]
-            session.hello_auth_check = self._handshake_reply
+            session.hello_auth_check = lambda error, data: self._handshake_reply(session, error, data)
             self._after_reset(session, name)
             return Admission.REPLACE, encode_command(new), ""
-        prefix = b""
-        if handshake:
-            session.up_ready = True
-            prefix = b"".join(session.push_internal(c, self._handshake_reply) for c in handshake)
         self._after_reset(session, name)
         if hello_args is not None and hello_args != args:
-            return Admission.REPLACE, prefix + encode_command(hello_args), ""
-        if prefix:
-            return Admission.PREFIX, prefix, ""
+            return Admission.REPLACE, encode_command(hello_args), ""
         return FORWARD
 
     def deny_reply(self, args: list[bytes], name: str) -> bytes | None:
@@ -313,13 +329,24 @@ class Gate:
         self._checking.discard(session)
         self._unpark(session, budget_key(_host(session.peer)))
 
-    def _handshake_reply(self, error: bool, data: bytes) -> None:
+    def _handshake_reply(self, session: Session, error: bool, data: bytes) -> None:
+        """A reply to the proxy's own AUTH/SELECT (or to the HELLO that carried its AUTH)."""
+        session.up_pending -= 1
         if error:
+            session.up_refused = True
             if self.on_upstream_auth_error is not None:
                 text = data[1:].strip().decode("utf-8", "replace") or "the upstream refused HELLO AUTH"
                 self.on_upstream_auth_error(text)
-        elif self.on_upstream_auth_ok is not None:
+        if session.up_pending > 0:
+            return
+        if session.up_refused:
+            # fail closed: nothing of the client's is sent on a connection that is not the proxy's
+            session.refuse(UPSTREAM_REFUSED)
+            return
+        session.up_ready = True
+        if self.on_upstream_auth_ok is not None:
             self.on_upstream_auth_ok()
+        session.resume()
 
 
 def budget_key(host: str) -> str:

@@ -113,6 +113,7 @@ class Limits:
         clock: Callable[[], float] = time.time,
         call_later: Callable[[float, Callable[[], None]], Any] | None = None,
         stats: Any = None,
+        handshake: Any = None,
     ) -> None:
         self.caps = caps
         self.rules = rules
@@ -120,6 +121,7 @@ class Limits:
         self.clock = clock
         self.call_later = call_later
         self.stats = stats
+        self.handshake = handshake  # proxy.handshake.HandshakeBook: the handshake at the cap
         self.tz = ZoneInfo(caps.timezone)
         self.buckets: dict[tuple[str, str], Bucket] = {}
         self.throttled: dict[tuple[str, str], int] = {}  # (rule, action) -> count
@@ -340,6 +342,24 @@ class Limits:
             session.tx_spare_client = client
         return None
 
+    def charge(self, session: Session, n: int, args: list[bytes], name: str) -> tuple[int, Any, str] | None:
+        """Budget for ``n`` commands the proxy sends on its own, ahead of the client's command
+        ``args`` (which is admitted on its own later). None, or the verdict for that command."""
+        now = self.clock()
+        if now >= self.next_reset:
+            self._rollover(now)
+        pools = self.pools_for(session.client)
+        if not pools:
+            return None
+        try:
+            stop = self._take(pools, n)
+        except sqlite3.Error as exc:
+            log.error("usage state unavailable: %s", exc)
+            return Admission.REPLY, encode_error(
+                f"ERR respmeter: usage state unavailable ({exc}); command not sent, try again"
+            ), "rejected:state_unavailable"
+        return None if stop is None else self._capped(session, args, name, stop, now)
+
     def _tx_cap_error(self, session: Session) -> bytes:
         for p in self.pools_for(session.client):
             if p.tokens <= 0:
@@ -352,6 +372,11 @@ class Limits:
         if name == "quit":  # leaving is always allowed, and costs nothing
             session.close_after_reply = True
             return Admission.REPLY, b"+OK\r\n", "local"
+        if self.handshake is not None and not session.multi_view:
+            # a client connecting at the cap can still connect: its handshake is answered here
+            local = self.handshake.answer(session, args, name)
+            if local is not None:
+                return Admission.REPLY, local, "local"
         if self.caps.on_cap == "idle" and not session.multi_view:
             # Idle means: keep well-behaved workers quiet and alive. Health checks and event
             # broadcasts get the answers they would get from a server with nobody listening, from

@@ -78,6 +78,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
+def _state_dir_default() -> str:
+    """The state directory a run started now would use ($XDG_STATE_HOME/respmeter, else
+    ~/.local/state/respmeter)."""
+    from .store import default_state_dir
+
+    return str(default_state_dir())
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     flag: str
@@ -90,6 +98,7 @@ class Option:
     metavar: str | None = None
     secret: bool = False  # never echoed
     sep: str = ","  # separator of a repeatable option's values in its environment variable
+    shown_default: Callable[[], str] | None = None  # the default --help shows, when `default` is worked out later
 
     @property
     def dest(self) -> str:
@@ -108,8 +117,8 @@ RUN_OPTIONS: list[Option] = [
     Option("--admin", "127.0.0.1:9380", "admin HTTP endpoint (/metrics, /healthz, /api/usage, /api/traffic)",
            metavar="HOST:PORT"),
     Option("--admin-token", None, "bearer token the admin endpoint then requires on every path but /healthz "
-           "(Authorization: Bearer TOKEN); needed for an --admin beyond loopback. A flag shows in `ps`: prefer "
-           "the environment variable or --admin-token-file", metavar="TOKEN", secret=True),
+           "(Authorization: Bearer TOKEN); needed for an --admin beyond loopback. A flag shows in ps output: "
+           "prefer the environment variable or --admin-token-file", metavar="TOKEN", secret=True),
     Option("--admin-token-file", None, "file holding the admin token (instead of --admin-token)", metavar="FILE"),
     Option("--allow-unauthenticated-admin", False, "allow an --admin beyond loopback without a token",
            boolean=True),
@@ -156,8 +165,8 @@ RUN_OPTIONS: list[Option] = [
            "denies nothing (see README: Command policy)", type=deny_spec, metavar="NAMES"),
     # state, caps and limits
     Option("--config", None, "TOML config file (see README); flags and env vars override it", metavar="FILE"),
-    Option("--state-dir", None, "where usage state (SQLite) lives [default: $XDG_STATE_HOME/respmeter or "
-           "~/.local/state/respmeter]", metavar="DIR"),
+    Option("--state-dir", None, "where usage state (SQLite) lives; the default follows XDG_STATE_HOME",
+           metavar="DIR", shown_default=_state_dir_default),
     Option("--daily-cap", None, "hard cap on upstream (billable) commands per day, all clients", type=_positive_int,
            metavar="N"),
     Option("--monthly-cap", None, "hard cap on upstream commands per calendar month, all clients",
@@ -165,12 +174,13 @@ RUN_OPTIONS: list[Option] = [
     Option("--client-cap", [], "a per-client cap: IDENTITY:daily=N or IDENTITY:monthly=N; repeatable",
            type=str, multiple=True, metavar="ID:WINDOW=N"),
     Option("--cap-timezone", "UTC", "timezone in which days and months start (IANA name)", metavar="TZ"),
-    Option("--on-cap", "error", "blocking pops at the cap: answer an error, or idle for their timeout and "
-           "answer empty", choices=("error", "idle")),
+    Option("--on-cap", "error", "at the cap, blocking pops (BRPOP, ...) get the cap error (error), or wait "
+           "their timeout and get an empty reply (idle); with idle the proxy also answers PING itself and "
+           "PUBLISH with 0, so heartbeats do not turn into error loops", choices=("error", "idle")),
     Option("--rate-limit", [], "a rate limit: name=N,rate=10/s[,burst=B][,client=GLOB][,command=GLOB]"
            "[,action=delay|reject][,max_queue=N]; repeatable (env: separated by ';')", multiple=True,
            metavar="SPEC", sep=";"),
-    Option("--track-patterns", True, "count commands per key pattern (for `respmeter report`)", type=_bool,
+    Option("--track-patterns", True, "count commands per key pattern (for respmeter report)", type=_bool,
            metavar="BOOL"),
     Option("--pattern-limit", 1000, "distinct key patterns kept; the rest count as 'other'", type=_positive_int,
            metavar="N"),

@@ -24,6 +24,7 @@ from typing import Any
 from . import commands as cmdtable
 from . import resp
 from .metrics import PROXY_CLIENT, Stats
+from .handshake import RECORDED
 from .paths import (
     BLOCKING,
     NOT_DEFERRED,
@@ -80,6 +81,7 @@ class Pending:
         "sub",
         "on_reply",
         "deadline",
+        "capture",
     )
 
     def __init__(self, name: str, client: str, kind: int, t0: float, args: list[bytes] | None) -> None:
@@ -95,6 +97,7 @@ class Pending:
         self.sub = False  # a (P|S)(UN)SUBSCRIBE outside MULTI: confirmations are pushes
         self.on_reply: Callable[[bool, bytes], None] | None = None
         self.deadline: float | None = None  # a blocking command: its own timeout runs out then
+        self.capture: list[bytes] | None = None  # its reply is recorded (proxy.handshake): its args
 
 
 class Admission:
@@ -141,6 +144,7 @@ class Session:
         tracker = stats.patterns
         # commands the policy must see one by one (proxy.gate: the denied ones): never on the fast path
         self.slow_names: frozenset[str] = getattr(policy, "slow_names", None) or frozenset()
+        self.book = getattr(policy, "handshake", None)  # proxy.handshake.HandshakeBook
         plain, self._stop = fast_sets(self.slow_names)
         self.parser = RequestParser(
             **kw, names=plain, fast=tracker.fast if tracker is not None else None, streamable=STREAMABLE
@@ -227,6 +231,11 @@ class Session:
             return self.listener
         return self.stats.labels.label(self.name)
 
+    def set_name(self, name: bytes) -> None:
+        """The connection's name changed without a command going upstream (proxy.handshake)."""
+        self.name = name or None
+        self.client = self._compute_label()
+
     def set_user(self, user: str | None) -> None:
         self.user = user
         self.client = self._compute_label()
@@ -273,6 +282,10 @@ class Session:
         self.n_special += 1
         self.stats.count_upstream(PROXY_CLIENT, name)
         return encode_command(args)
+
+    def send_internal(self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None) -> None:
+        """Send a command on the proxy's own behalf now (see push_internal)."""
+        self._write_upstream(self.push_internal(args, on_reply))
 
     def upstream_failed(self, reason: str) -> None:
         """The upstream connection could not be made (or broke before its first reply): every command
@@ -324,6 +337,7 @@ class Session:
         if out:
             self._write_client(b"".join(out))
         self.closing = True
+        self.held = False  # nothing is held any more: it was all answered
         self._maybe_close()
 
     # -- client side -------------------------------------------------------------------------
@@ -712,7 +726,9 @@ class Session:
             tracker.add(client, name, tracker.pattern(name, info, args))
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
         blocking = info is not None and info.blocking
-        if not (silent or self.multi_view or blocking or name in SPECIAL):
+        book = self.book
+        capture = book is not None and name in RECORDED and not self.multi_view and book.wants(name, args)
+        if not (silent or self.multi_view or blocking or capture or name in SPECIAL):
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
             self.pending.append((name, client, now, True, 1))
@@ -731,6 +747,9 @@ class Session:
             # when its reply is due at the latest (an upstream that says nothing by then stalls)
             timeout = block_timeout(name, args) if name in BLOCKING else None
             e.deadline = now + timeout if timeout else None
+        if capture:
+            e.capture = args  # its reply bytes are kept (internal_buf) and recorded
+            self.n_special += 1
         if silent and not (name == "client|reply" and e.expect == 1):
             e.expect = 0
         if e.expect == 0 and not self.pending:
@@ -930,6 +949,8 @@ class Session:
                     out.append(seg)
                     if fr[1] == KIND_ERROR:
                         errors = True
+                    if type(head) is Pending and head.capture is not None and fr[1] != KIND_PUSH:
+                        self.internal_buf += seg  # a copy of the reply, for the handshake book
                 self._on_frame(fr, now)
                 # local answers now due go right after the reply they waited for
                 self._drain_head(out, now)
@@ -943,6 +964,8 @@ class Session:
                     self.internal_buf += data[start:]
                 else:
                     out.append(data[start:])
+                    if type(head) is Pending and head.capture is not None:
+                        self.internal_buf += data[start:]
             if out:
                 self._write_client(b"".join(out))
         if errors or self._err_tail:
@@ -1090,6 +1113,13 @@ class Session:
         return bool(self.channels or self.patterns or self.shard_channels)
 
     def _complete(self, e: Pending, error: bool, now: float, kind: int = 0) -> None:
+        if e.capture is not None:
+            self.n_special -= 1
+            data, self.internal_buf = self.internal_buf, b""
+            if self.book is not None:
+                args = e.capture
+                proto = int(args[1]) if e.name == "hello" and len(args) > 1 and args[1] in (b"2", b"3") else self.protocol
+                self.book.record(e.name, args, data, error, proto)
         stats = self.stats
         name = e.name
         stats.count_command(e.client, name, "error" if error else "ok")

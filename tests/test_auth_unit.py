@@ -121,10 +121,16 @@ class Play:
         self.to_upstream.clear()
         self.to_client.clear()
         self.s.client_data(b"".join(cmds))
-        return b"".join(self.to_upstream)
+        return self.sent()
 
     def got(self) -> bytes:
         return b"".join(self.to_client)
+
+    def sent(self) -> bytes:
+        """What went upstream since the last send() or sent() (e.g. while replies came in)."""
+        out = b"".join(self.to_upstream)
+        self.to_upstream.clear()
+        return out
 
     def reply(self, data: bytes) -> bytes:
         self.to_client.clear()
@@ -178,12 +184,14 @@ def test_pre_auth_commands_quit_reset_hello() -> None:
 def test_pipelined_commands_after_noauth_stay_in_order() -> None:
     p = Play(up=UpstreamAuth(None, UP_PW))
     out = p.send(C("GET", "a"), C("AUTH", "alice", ALICE_PW), C("GET", "b"))
-    # the first GET is refused, AUTH is answered locally, the second GET goes upstream with the
-    # proxy's own credentials first
-    assert out == C("AUTH", UP_PW) + C("GET", "b")
+    # the first GET is refused, AUTH is answered locally, the second GET goes upstream once the
+    # proxy's own credentials are accepted
+    assert out == C("AUTH", UP_PW)
     assert ALICE_PW not in out
     assert p.got() == NOAUTH + b"+OK\r\n"  # in order, before GET b's reply
-    assert p.reply(b"+OK\r\n$1\r\nB\r\n") == b"$1\r\nB\r\n"
+    assert p.reply(b"+OK\r\n") == b""
+    assert p.sent() == C("GET", "b")
+    assert p.reply(b"$1\r\nB\r\n") == b"$1\r\nB\r\n"
     # all three replies in order overall
     assert p.commands()[("billing", "get", "ok")] == 1
     assert p.commands()[("anonymous", "get", "rejected")] == 1
@@ -192,9 +200,10 @@ def test_pipelined_commands_after_noauth_stay_in_order() -> None:
 def test_auth_ok_reply_is_ordered_before_later_replies() -> None:
     p = Play(up=UpstreamAuth(None, UP_PW))
     out = p.send(C("AUTH", "alice", ALICE_PW), C("GET", "b"))
-    assert out == C("AUTH", UP_PW) + C("GET", "b")
+    assert out == C("AUTH", UP_PW)
     assert p.got() == b"+OK\r\n"
-    assert p.reply(b"+OK\r\n$1\r\nB\r\n") == b"$1\r\nB\r\n"
+    assert p.reply(b"+OK\r\n") == b"" and p.sent() == C("GET", "b")
+    assert p.reply(b"$1\r\nB\r\n") == b"$1\r\nB\r\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,9 +316,11 @@ def test_upstream_auth_prefix_counted_under_respmeter() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW))
     assert p.s.authed and not p.s.up_ready
     out = p.send(C("SET", "a", "1"), C("GET", "a"))
-    assert out == C("AUTH", UP_PW) + C("SET", "a", "1") + C("GET", "a")
+    assert out == C("AUTH", UP_PW)  # alone: nothing of the client's goes before it is accepted
     # the AUTH reply is consumed by the proxy
-    assert p.reply(b"+OK\r\n+OK\r\n$1\r\n1\r\n") == b"+OK\r\n$1\r\n1\r\n"
+    assert p.reply(b"+OK\r\n") == b""
+    assert p.sent() == C("SET", "a", "1") + C("GET", "a")
+    assert p.reply(b"+OK\r\n$1\r\n1\r\n") == b"+OK\r\n$1\r\n1\r\n"
     assert p.upstream() == {("respmeter", "auth"): 1, ("anonymous", "set"): 1, ("anonymous", "get"): 1}
     assert p.auth_errors == []
     # later commands: no AUTH again, and the fast path
@@ -320,8 +331,9 @@ def test_upstream_auth_prefix_counted_under_respmeter() -> None:
 def test_upstream_auth_with_username_and_db() -> None:
     p = Play(verifier=False, up=UpstreamAuth("app", UP_PW, 3))
     out = p.send(C("PING"))
-    assert out == C("AUTH", "app", UP_PW) + C("SELECT", "3") + C("PING")
-    assert p.reply(b"+OK\r\n+OK\r\n+PONG\r\n") == b"+PONG\r\n"
+    assert out == C("AUTH", "app", UP_PW) + C("SELECT", "3")
+    assert p.reply(b"+OK\r\n+OK\r\n") == b"" and p.sent() == C("PING")
+    assert p.reply(b"+PONG\r\n") == b"+PONG\r\n"
     assert p.upstream() == {("respmeter", "auth"): 1, ("respmeter", "select"): 1, ("anonymous", "ping"): 1}
 
 
@@ -339,8 +351,10 @@ def test_client_auth_is_answered_locally_not_forwarded() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW))
     out = p.send(C("AUTH", "someone", "their-own-Pw-123"), C("AUTH", "pw-only-456"), C("GET", "a"))
     assert b"their-own-Pw-123" not in out and b"pw-only-456" not in out
-    assert out == C("AUTH", UP_PW) + C("GET", "a")
+    assert out == C("AUTH", UP_PW)
     assert p.got() == b"+OK\r\n+OK\r\n"
+    p.reply(b"+OK\r\n")
+    assert p.sent() == C("GET", "a")
     assert p.commands()[("anonymous", "auth", "local")] == 2
     assert ("anonymous", "auth") not in p.upstream()
 
@@ -374,25 +388,30 @@ def test_later_hello_with_credentials_loses_them() -> None:
 def test_hello_without_protover_gets_handshake_prefix() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW))
     out = p.send(C("HELLO"))
-    assert out == C("AUTH", UP_PW) + C("HELLO")
+    assert out == C("AUTH", UP_PW)
+    p.reply(b"+OK\r\n")
+    assert p.sent() == C("HELLO")
 
 
 def test_hello_with_db_uses_auth_select_then_hello() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW, 2))
     out = p.send(C("HELLO", "3"))
-    assert out == C("AUTH", UP_PW) + C("SELECT", "2") + C("HELLO", "3")
-    assert p.reply(b"+OK\r\n+OK\r\n%0\r\n") == b"%0\r\n"
+    assert out == C("AUTH", UP_PW) + C("SELECT", "2")
+    assert p.reply(b"+OK\r\n+OK\r\n") == b"" and p.sent() == C("HELLO", "3")
+    assert p.reply(b"%0\r\n") == b"%0\r\n"
     assert p.s.protocol == 3
 
 
 def test_reset_reauthenticates_upstream() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW))
     p.send(C("PING"))
-    p.reply(b"+OK\r\n+PONG\r\n")
+    p.reply(b"+OK\r\n")
+    p.reply(b"+PONG\r\n")
     assert p.send(C("RESET")) == C("RESET")
     p.reply(b"+RESET\r\n")
-    assert p.send(C("GET", "a")) == C("AUTH", UP_PW) + C("GET", "a")
-    assert p.reply(b"+OK\r\n$-1\r\n") == b"$-1\r\n"
+    assert p.send(C("GET", "a")) == C("AUTH", UP_PW)
+    assert p.reply(b"+OK\r\n") == b"" and p.sent() == C("GET", "a")
+    assert p.reply(b"$-1\r\n") == b"$-1\r\n"
     assert p.upstream()[("respmeter", "auth")] == 2
 
 
@@ -405,9 +424,12 @@ def test_reset_before_anything_is_local() -> None:
 
 def test_upstream_auth_error_is_reported_without_the_secret() -> None:
     p = Play(verifier=False, up=UpstreamAuth(None, UP_PW))
-    p.send(C("GET", "a"))
-    got = p.reply(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n-NOAUTH Authentication required.\r\n")
-    assert got == b"-NOAUTH Authentication required.\r\n"  # the client sees an error, not a hang
+    assert p.send(C("GET", "a"), C("SET", "b", "1")) == C("AUTH", UP_PW)
+    got = p.reply(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+    # fail closed: the client sees an error for each command, not a hang, and nothing of its
+    # goes upstream (a server that needs no password would have run it)
+    assert got == b"-ERR upstream rejected the proxy's credentials\r\n" * 2
+    assert p.sent() == b"" and p.client_closed
     assert p.auth_errors == ["WRONGPASS invalid username-password pair or user is disabled."]
     assert all(UP_PW not in e for e in p.auth_errors)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
+
+import pytest
 
 import support
 from support import encode_resp
@@ -76,3 +79,56 @@ def test_a_half_closed_blocked_client_is_let_go(redis_factory, proxy_factory) ->
     sock.shutdown(socket.SHUT_WR)
     assert _read_all(sock) == b""
     support.eventually(lambda: server.client().info("clients")["blocked_clients"] == 0)
+
+
+def _exhaust(proxy, cap: int) -> None:  # noqa: ANN001
+    import redis
+
+    c = proxy.client()
+    for _ in range(cap + 5):
+        try:
+            c.incr("corners:fill")
+        except redis.ResponseError as exc:
+            assert "cap" in str(exc)
+            return
+    raise AssertionError("the cap was never reached")
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_client_can_connect_at_an_exhausted_cap(protocol: int, redis_factory, proxy_factory) -> None:
+    """Issue 11.11: at the cap, the handshake (HELLO with a connection id of the proxy's own,
+    CLIENT SETINFO, CLIENT SETNAME, SELECT 0) is answered by the proxy; only real commands get the
+    cap error, and nothing goes upstream."""
+    import redis
+
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--daily-cap", "30"], log_level="info")
+    warm = proxy.client(protocol=protocol)  # a real HELLO reply, remembered by the proxy
+    warm.ping()
+    _exhaust(proxy, 30)
+    direct = server.client()
+    before = support.commandstats(direct)
+    clients = []
+    for _ in range(2):
+        c = proxy.client(protocol=protocol, client_name="late", db=0)
+        clients.append(c)
+        # connecting works: redis-py's whole handshake is answered
+        c.connection_pool.get_connection().disconnect()
+        with pytest.raises(redis.ResponseError, match="cap"):
+            c.get("corners:x")
+    conn = clients[0].connection_pool.get_connection()
+    conn.connect()
+    delta = support.commandstats_delta(before, support.commandstats(direct))
+    assert set(delta) <= {"info"}, delta  # (the test's own INFO reads only)
+    local = proxy.metric_sum("respmeter_commands_total", by=("command",), outcome="local")
+    assert local.get("client|setname", 0) >= 2 and local.get("client|setinfo", 0) >= 4
+    if protocol == 3:
+        assert local.get("hello", 0) >= 2
+    # each connection got an id of its own, not the server's
+    s = support.RespSocket(proxy.host, proxy.port)
+    ids = {s.call("HELLO", str(protocol))[b"id" if protocol == 3 else 7] for _ in range(1)}
+    s2 = support.RespSocket(proxy.host, proxy.port)
+    hello2 = s2.call("HELLO", str(protocol))
+    ids.add(hello2[b"id"] if protocol == 3 else hello2[7])
+    assert len(ids) == 2 and all(i >= 1 << 32 for i in ids)
+    assert s.call("SELECT", "0") == b"OK" and isinstance(s.call("SELECT", "1"), support.RespError)

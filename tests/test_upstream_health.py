@@ -133,3 +133,33 @@ def test_upstream_sockets_have_tcp_keepalive(redis_factory, proxy_factory) -> No
                          capture_output=True, text=True, check=True).stdout
     mine = [line for line in out.splitlines() if f"pid={off.pid}," in line]
     assert mine and not any("keepalive" in line for line in mine), out
+
+
+@pytest.mark.parametrize("server_password", [None, "right-Pa55word"])
+def test_a_wrong_upstream_password_fails_closed(server_password, redis_factory, proxy_factory) -> None:
+    """Issue 11.8: when the upstream refuses the proxy's own AUTH, nothing of the client's is
+    forwarded on that connection (a server that needs no password would have run it)."""
+    server = redis_factory(password=server_password)
+    direct = server.client()
+    before = support.commandstats(direct)
+    # (no user name: with one, a server without a password accepts any AUTH default <anything>)
+    proxy = proxy_factory(server.url_with_auth(None, "wrong-Pa55word"), log_level="info")
+    for attempt in range(2):
+        s = RespSocket(proxy.host, proxy.port)
+        s.send(support.encode_resp("SET", "leak", str(attempt)) + support.encode_resp("INCR", "leaks"))
+        assert s.read() == RespError("ERR upstream rejected the proxy's credentials")
+        assert s.read() == RespError("ERR upstream rejected the proxy's credentials")
+        with pytest.raises(ConnectionError):
+            s.read()
+    delta = support.commandstats_delta(before, support.commandstats(direct))
+    assert "set" not in delta and "incr" not in delta and delta.get("auth") == 2, delta
+    assert direct.get("leak") is None
+    status, body = proxy.healthz()
+    assert status == 503 and "rejected the proxy's credentials" in body
+    if server_password is None:
+        return  # (HELLO 3 AUTH default <anything> is accepted by a server without a password)
+    # redis-py's HELLO 3 (carrying the proxy's AUTH): its own error, then nothing more goes
+    c = proxy.client(protocol=3)
+    with pytest.raises(Exception):
+        c.set("leak", "hello")
+    assert direct.get("leak") is None
