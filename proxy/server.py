@@ -369,6 +369,30 @@ def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
+def fd_headroom(max_clients: int, log: logging.Logger) -> None:
+    """Each client takes two descriptors (its own and its upstream's): raise the soft limit toward
+    the hard one when --max-clients needs it, and say so when it still falls short."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    need = 2 * max_clients + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "file descriptor limit %d is below what --max-clients %d needs (%d): clients past what "
+            "fits get '-ERR respmeter: out of file descriptors'; raise ulimit -n / LimitNOFILE",
+            soft, max_clients, need,
+        )
+
+
 FD_RESERVE = 16  # descriptors kept free for the admin endpoint, the state file and refusing clients
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import commands as cmdtable
-from . import resp
-from .metrics import PROXY_CLIENT, Stats
+from . import resp, streaming
 from .handshake import RECORDED
+from .metrics import PROXY_CLIENT, Stats
 from .paths import (
     BLOCKING,
     NOT_DEFERRED,
@@ -47,17 +47,12 @@ from .resp import (
     encode_error,
     expand,
 )
+from .streaming import StreamedRequest
 
 # Pending entry kinds
 UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
 INTERNAL = 2  # sent by the proxy on its own behalf; its reply is consumed here
-
-# A streamed request (Session.stream)
-STREAM_FORWARD = 1  # its bytes go upstream as they arrive
-STREAM_DROP = 2  # answered by the proxy: the rest of its bytes are read and dropped
-STREAM_HELD = 3  # waiting for the policy (a rate limit): reading from the client pauses
-HELD_BACKLOG = 1 << 30
 
 
 def _valid_name(name: bytes) -> bool:
@@ -114,6 +109,11 @@ class Admission:
 class Session:
     """Per-connection proxy logic. The I/O layer supplies the sinks and calls the ``on_*`` methods."""
 
+    # verdicts, for the session's helpers (proxy.streaming)
+    WAIT = Admission.WAIT
+    PREFIX = Admission.PREFIX
+    REPLACE = Admission.REPLACE
+
     def __init__(
         self,
         stats: Stats,
@@ -149,9 +149,8 @@ class Session:
         self.parser = RequestParser(
             **kw, names=plain, fast=tracker.fast if tracker is not None else None, streamable=STREAMABLE
         )
-        self.parser.stream_ok = self._can_stream
-        self.stream = 0  # STREAM_* while a large request is being streamed
-        self.stream_buf: list[bytes] = []  # its bytes that came while it was held (see backlog)
+        self.stream = StreamedRequest(self)  # a large request forwarded as it arrives
+        self.parser.stream_ok = self.stream.allowed
         self.framer = resp.ReplyFramer()
         # Awaiting a reply, in order: ``n`` plain commands sent together are one tuple
         # (name, client, t0, timed, n), anything needing more (state changes, MULTI, local answers,
@@ -348,7 +347,7 @@ class Session:
         parser = self.parser
         cmds, raw = parser.feed(data)
         if parser.pre is not None:
-            self._stream_more()
+            self.stream.more()
         if self.fail_msg is not None:
             for args, _s, _e in expand(cmds, raw):
                 self.waiting.append((args, b""))
@@ -372,13 +371,13 @@ class Session:
                 self.waiting_bytes += len(raw)
                 self._dispatch()
         if parser.head is not None:
-            self._stream_head()
+            self.stream.begin()
         if self.parser.error is not None:
-            if self.stream:
+            if self.stream.state:
                 # broken inside a streamed request: the upstream holds part of it, so no reply
                 # will come for it (or after it): everything pending gets the error, and both
                 # connections close
-                self.stream = 0
+                self.stream.state = streaming.IDLE
                 self.stats.protocol_errors += 1
                 self._reject_all(encode_error("ERR " + self.parser.error))
                 return
@@ -441,7 +440,7 @@ class Session:
             # nothing can go yet (the upstream connection is being opened, a rate limit or an
             # AUTH check holds us): a large request is not streamed, so what it holds counts too
             n += self.parser.buffered >> 8
-        return n + HELD_BACKLOG if self.stream == STREAM_HELD else n
+        return n + streaming.HELD_BACKLOG if self.stream.state == streaming.HELD else n
 
     @property
     def awaiting_upstream(self) -> bool:
@@ -596,7 +595,7 @@ class Session:
                 if out:
                     self._write_upstream(b"".join(out))
                     out = []
-                self._stream_go(verdict, raw)
+                self.stream.go(verdict, raw)
                 continue
             if verdict is None:
                 waiting.popleft()
@@ -628,50 +627,6 @@ class Session:
         self._maybe_close()
         if self.wake is not None:
             self.wake()
-
-    # -- streamed requests (large ones: see RequestParser) ------------------------------------
-    def _can_stream(self) -> bool:
-        """A large request may be streamed when it can go (or be answered) at once."""
-        return self.connected and not self.held and not self.waiting and not self.monitor
-
-    def _stream_head(self) -> None:
-        """A large request began (the last thing of this read): decide it now, on what is known
-        of it (its name, its first arguments), and forward its bytes as they come."""
-        args, head = self.parser.head  # type: ignore[misc]
-        self.parser.head = None
-        verdict = None if self.waiting or self.held else self._route(args, self.clock())
-        if self.waiting or self.held or (verdict is not None and verdict[0] == Admission.WAIT):
-            # held by a rate limit: keep only its head; reading pauses (backlog) until it goes
-            self.waiting.append((args, head, None, None))
-            self.held = True
-            self.stream = STREAM_HELD
-            return
-        self._stream_go(verdict, head)
-
-    def _stream_go(self, verdict: tuple[int, Any] | None, head: bytes) -> None:
-        if verdict is None or verdict[0] == Admission.PREFIX:
-            self._write_upstream(head if verdict is None else verdict[1] + head)
-            self.stream = STREAM_FORWARD
-            if self.stream_buf:
-                self._write_upstream(b"".join(self.stream_buf))
-        else:  # answered by the proxy (or replaced): the rest is read and dropped
-            if verdict[0] == Admission.REPLACE:
-                self._write_upstream(verdict[1])
-            self.stream = STREAM_DROP
-        self.stream_buf.clear()
-        if not self.parser.streaming:
-            self.stream = 0
-
-    def _stream_more(self) -> None:
-        pre, self.parser.pre = self.parser.pre, None
-        if self.stream == STREAM_FORWARD:
-            self._write_upstream(pre)  # type: ignore[arg-type]
-        elif self.stream == STREAM_HELD:
-            self.stream_buf.append(pre)  # type: ignore[arg-type]  (the I/O layer pauses first)
-            return
-        parser = self.parser
-        if (not parser.streaming and parser.error is None) or parser.head is not None:
-            self.stream = 0  # it ended (and perhaps a new one began after it)
 
     def _want_upstream(self) -> None:
         request, self.request_upstream = self.request_upstream, None

@@ -13,7 +13,8 @@ import pytest
 from proxy.metrics import Stats
 from proxy.resp import STREAM_MIN, RequestParser, encode_command, expand
 from proxy.paths import STREAMABLE
-from proxy.session import HELD_BACKLOG, Admission, Session
+from proxy.session import Admission, Session
+from proxy.streaming import HELD_BACKLOG
 
 pytestmark = pytest.mark.usefixtures("hot_path")
 
