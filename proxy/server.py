@@ -74,6 +74,7 @@ class ProxySettings:
 
 MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+FD_HINT = "(raise ulimit -n / LimitNOFILE, or lower --max-clients)"
 OUT_OF_FDS_REPLY = (b"-ERR respmeter: out of file descriptors (too many open files): raise the "
                     b"proxy's limit (ulimit -n, LimitNOFILE) or lower --max-clients\r\n")
 
@@ -141,8 +142,7 @@ class ClientConnection(asyncio.Protocol):
                 reason, text, reply = "max_clients", f"--max-clients {s.max_clients} reached", MAX_CLIENTS_REPLY
             else:
                 reason, reply = "out_of_fds", OUT_OF_FDS_REPLY
-                text = (f"out of file descriptors: {proxy.fd_clients} clients fit in the limit "
-                        "(raise ulimit -n / LimitNOFILE, or lower --max-clients)")
+                text = f"out of file descriptors: {proxy.fd_clients} clients fit in the limit {FD_HINT}"
             proxy.stats.refused_connections[reason] += 1
             proxy.note_refusal(reason, text)
             transport.write(reply)
@@ -194,8 +194,7 @@ class ClientConnection(asyncio.Protocol):
             if out_of_fds(exc):
                 # the proxy's own limit, not the upstream's fault: health stays as it is
                 proxy.stats.refused_connections["out_of_fds"] += 1
-                proxy.note_refusal("out_of_fds", "out of file descriptors opening an upstream connection "
-                                   "(raise ulimit -n / LimitNOFILE, or lower --max-clients)")
+                proxy.note_refusal("out_of_fds", f"out of file descriptors opening an upstream connection {FD_HINT}")
                 if self.session is not None and not self.session.closed:
                     self.session.refuse(OUT_OF_FDS_REPLY)
                 return
