@@ -4,6 +4,11 @@ Input is a traffic table, rows of (client, command, key pattern, count) measured
 seconds, from a running proxy (``/api/traffic``) or from a stopped one's state directory. Sources are
 recognised by the rules in ``sources.toml`` (data, not code); anything no rule claims is shown as
 unrecognised, never forced into a guess.
+
+Shapes any client can send (a BRPOP loop, PING, MULTI/EXEC) are put down to Celery or kombu only
+when the same client label also shows Celery's own traces (``[[evidence]]`` in ``sources.toml``:
+kombu's keys, Celery's event or pidbox channels, kombu's priority queues, a Celery library name);
+otherwise they get a generic name.
 """
 
 from __future__ import annotations
@@ -38,24 +43,49 @@ class Source:
     description: str
     match: list[tuple[str, re.Pattern[str]]]
     group: tuple[frozenset[str], int] | None = None
-    requires: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
     per_instance_per_day: float | None = None
     period: float | None = None
     knobs: list[Knob] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Evidence:
+    """What shows that a client label is a given software (rows of that client matching a clause)."""
+
+    id: str
+    name: str
+    match: list[tuple[str, re.Pattern[str], str]]  # (command glob, pattern regex, what was seen)
+
+
 class RulesError(ValueError):
     pass
 
 
-def load_sources(text: str | None = None) -> list[Source]:
+def _rules(text: str | None) -> dict[str, Any]:
     if text is None:
         text = resources.files("proxy").joinpath("sources.toml").read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"sources.toml: {exc}") from None
+
+
+def load_evidence(text: str | None = None) -> list[Evidence]:
+    out = []
+    for i, e in enumerate(_rules(text).get("evidence", [])):
+        try:
+            match = [(m["command"], re.compile(m["pattern"]), m["seen"]) for m in e["match"]]
+            out.append(Evidence(e["id"], e["name"], match))
+        except (KeyError, TypeError, re.error) as exc:
+            raise RulesError(f"sources.toml: evidence #{i + 1}: {exc}") from None
+    return out
+
+
+def load_sources(text: str | None = None) -> list[Source]:
+    data = _rules(text)
+    known = {e.get("id") for e in data.get("evidence", []) if isinstance(e, dict)}
     out = []
     ids = set()
     for i, s in enumerate(data.get("source", [])):
@@ -67,6 +97,10 @@ def load_sources(text: str | None = None) -> list[Source]:
             group = None
             if "group" in s:
                 group = (frozenset(s["group"]["commands"]), int(s["group"]["min"]))
+            needs = tuple(s.get("needs", ()))
+            unknown = set(needs) - known
+            if unknown:
+                raise RulesError(f"source {sid}: needs unknown evidence {sorted(unknown)}")
             out.append(
                 Source(
                     id=sid,
@@ -75,7 +109,7 @@ def load_sources(text: str | None = None) -> list[Source]:
                     description=s.get("description", ""),
                     match=[(m["command"], re.compile(m.get("pattern", ""))) for m in s["match"]],
                     group=group,
-                    requires=tuple(s.get("requires", ())),
+                    needs=needs,
                     per_instance_per_day=s.get("per_instance_per_day"),
                     period=s.get("period"),
                     knobs=[Knob(k["setting"], k["effect"], k.get("keep"), k.get("interval")) for k in s.get("knobs", [])],
@@ -87,23 +121,40 @@ def load_sources(text: str | None = None) -> list[Source]:
     return out
 
 
-def classify(rows: list[dict[str, Any]], sources: list[Source]) -> list[str | None]:
-    """The source id of each row (None: unrecognised). Sources with ``requires`` claim rows only when
-    a source they name was recognised without them (a second pass)."""
+def evidence_by_client(rows: list[dict[str, Any]], evidence: list[Evidence]) -> dict[str, dict[str, list[str]]]:
+    """client label -> evidence id -> what was seen (in rule order), from that client's own rows."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for r in rows:
+        for e in evidence:
+            for cmd, pat, seen in e.match:
+                if fnmatch.fnmatchcase(r["command"], cmd) and pat.search(r["pattern"]):
+                    got = out.setdefault(r["client"], {}).setdefault(e.id, [])
+                    if seen not in got:
+                        got.append(seen)
+    for by_id in out.values():
+        for e in evidence:
+            if e.id in by_id:
+                order = [seen for _, _, seen in e.match]
+                by_id[e.id].sort(key=order.index)
+    return out
+
+
+def classify(
+    rows: list[dict[str, Any]], sources: list[Source], evidence: list[Evidence] | None = None
+) -> list[str | None]:
+    """The source id of each row (None: unrecognised). A source that ``needs`` evidence claims a
+    row only when the row's client label shows that evidence in its own rows."""
+    seen = evidence_by_client(rows, load_evidence() if evidence is None else evidence)
     by_pattern: dict[str, set[str]] = {}
     for r in rows:
         by_pattern.setdefault(r["pattern"], set()).add(r["command"])
-    first = _classify(rows, [s for s in sources if not s.requires], by_pattern)
-    seen = {sid for sid in first if sid is not None}
-    allowed = [s for s in sources if not s.requires or any(x.startswith(s.requires) for x in seen)]
-    return _classify(rows, allowed, by_pattern)
-
-
-def _classify(rows: list[dict[str, Any]], sources: list[Source], by_pattern: dict[str, set[str]]) -> list[str | None]:
     out: list[str | None] = []
     for r in rows:
         found = None
+        has = seen.get(r["client"], {})
         for s in sources:
+            if s.needs and not all(e in has for e in s.needs):
+                continue
             if not any(fnmatch.fnmatchcase(r["command"], cmd) and pat.search(r["pattern"]) for cmd, pat in s.match):
                 continue
             if s.group is not None:
@@ -126,20 +177,33 @@ def _timeout(pattern: str) -> float | None:
         return None
 
 
+def _seconds(values: list[float]) -> str:
+    """1 -> '1 s'; 1, 5 -> '1 s and 5 s'; 1, 5, 30 -> '1 s, 5 s and 30 s'."""
+    words = [f"{v:g} s" for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
+
+
 def build_report(
     traffic: dict[str, Any],
     usage: dict[str, Any] | None,
     *,
     sources: list[Source] | None = None,
+    evidence: list[Evidence] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """The report as a dict (the documented ``--json`` output)."""
     sources = sources if sources is not None else load_sources()
+    evidence = evidence if evidence is not None else load_evidence()
     now = time.time() if now is None else now
     span = max(1.0, float(traffic.get("measured_seconds") or 1.0))
     rows_in = traffic.get("rows", [])
     total = sum(r["count"] for r in rows_in) or 0
-    ids = classify(rows_in, sources)
+    ids = classify(rows_in, sources, evidence)
+    seen = evidence_by_client(rows_in, evidence)
     rows = []
     for r, sid in zip(rows_in, ids):
         per_s = r["count"] / span
@@ -169,38 +233,37 @@ def build_report(
     for sid, f in sorted(found.items(), key=lambda kv: -kv[1]["count"]):
         s = by_id[sid]
         per_day = f["count"] / span * DAY
+        # blocking pops show their timeout (" timeout=N"): the current period, and words for the name
+        timeouts = sorted({t for t in (_timeout(r["pattern"]) for r in f["rows"]) if t})
+        timeout = _seconds(timeouts) if timeouts else "?"
         knobs = []
         for k in s.knobs:
             if k.keep is not None:
                 keep = k.keep
             elif k.interval:
                 # the current period: BRPOP's own timeout when the pattern shows it, else the default
-                current = None
-                timeouts = [_timeout(r["pattern"]) for r in f["rows"]]
-                timeouts = [t for t in timeouts if t]
-                if timeouts:
-                    current = max(timeouts)
-                current = current or s.period or k.interval
+                current = (max(timeouts) if timeouts else None) or s.period or k.interval
                 keep = min(1.0, current / k.interval)
             else:
                 keep = 1.0
             knobs.append(
                 {
                     "setting": k.setting,
-                    "effect": k.effect,
+                    "effect": k.effect.replace("{timeout}", timeout),
                     "saving_per_day": round(per_day * (1 - keep)),
                     "saving_per_month": round(per_day * (1 - keep) * 30),
                 }
             )
         entry = {
             "id": sid,
-            "name": s.name,
+            "name": s.name.replace("{timeout}", timeout),
             "software": s.software,
-            "description": s.description,
+            "description": s.description.replace("{timeout}", timeout),
             "count": f["count"],
             "share": round(f["count"] / total, 4) if total else 0.0,
             "per_day": round(per_day),
             "commands": sorted({r["command"] for r in f["rows"]}),
+            "clients": sorted({r["client"] for r in f["rows"]}),
             "knobs": knobs,
             "notes": s.notes,
         }
@@ -230,26 +293,48 @@ def build_report(
             monthly_cap=monthly["cap"],
             projected_today=round(daily["used"] + per_day_total * _left(daily, now) / DAY),
             projected_month=round(monthly["used"] + per_day_total * _left(monthly, now) / DAY),
+            daily_resets_at=daily["resets_at"],
+            monthly_resets_at=monthly["resets_at"],
         )
-        for key, cap in (("monthly_cap_hit_at", monthly["cap"]), ("upstash_free_hit_at", UPSTASH_FREE_MONTHLY)):
-            totals[key] = _hit_at(monthly["used"], cap, per_day_total, now, monthly)
-    celery = any(s["software"].startswith(("celery", "kombu")) for s in out_sources)
+        for key, used, cap, win in (
+            ("daily_cap_hit_at", daily["used"], daily["cap"], daily),
+            ("monthly_cap_hit_at", monthly["used"], monthly["cap"], monthly),
+            ("upstash_free_hit_at", monthly["used"], UPSTASH_FREE_MONTHLY, monthly),
+        ):
+            totals[key] = _hit_at(used, cap, per_day_total, now, win)
+    requested = traffic.get("window_seconds")
+    window: dict[str, Any] = {
+        "requested_seconds": requested,
+        "measured_seconds": round(span, 1),
+        "from": traffic.get("from", "live"),
+        # what the daily figures multiply: a short span means a burst counts as if it went on all day
+        "day_multiplier": round(DAY / span, 1),
+        "covers_requested": None if not requested else span >= float(requested) - 1.0,
+        "start": _iso(traffic.get("measured_from")),
+        "end": _iso(traffic.get("measured_until")),
+    }
+    shown = [
+        {"client": client, "software": e.name, "seen": found_seen[e.id]}
+        for client, found_seen in sorted(seen.items())
+        for e in evidence
+        if e.id in found_seen
+    ]
+    celery = any(CELERY in found_seen for found_seen in seen.values())
     report = {
         "version": REPORT_VERSION,
         "generated_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(),
-        "window": {
-            "requested_seconds": traffic.get("window_seconds"),
-            "measured_seconds": round(span, 1),
-            "from": traffic.get("from", "live"),
-        },
+        "window": window,
         "totals": totals,
         "sources": out_sources,
         "unrecognised": {"count": unrec_count, "share": round(unrec_count / total, 4) if total else 0.0},
         "rows": rows,
+        "evidence": shown,
         "ineffective_settings": INEFFECTIVE if celery else [],
     }
     return report
 
+
+CELERY = "celery"  # the [[evidence]] whose clients get the Celery advice (ineffective settings)
 
 INEFFECTIVE = [
     {"setting": "broker_heartbeat", "fact": "AMQP only: it sends nothing and saves nothing on Redis."},
@@ -264,7 +349,8 @@ def _left(window: dict[str, Any], now: float) -> float:
 
 
 def _hit_at(used: int, cap: int | None, per_day: float, now: float, window: dict[str, Any]) -> str | None:
-    """When the cap is reached at the current rate (None: not before the window resets)."""
+    """When the cap is reached at the current rate (None: no cap, or not before the window resets;
+    ``now`` when it is already reached)."""
     if not cap:
         return None
     if used >= cap:
@@ -282,12 +368,16 @@ def live_traffic(stats: Any, limits: Any, window: float) -> dict[str, Any]:
     tracker = stats.patterns
     rows = []
     span = 0.0
+    end = time.time()
     if tracker is not None:
         counts, span = tracker.window(window)
+        end = tracker.measured_until()
         for (client, cmd, pat), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             rows.append({"client": client, "command": cmd, "pattern": pat, "count": n})
-    return {"window_seconds": window, "measured_seconds": round(span, 1), "rows": rows, "from": "live",
-            "tracking": tracker is not None}
+    # measured_seconds is the span the counts cover (see PatternTracker.window), to 1 ms: the rates
+    # divide by it; measured_from / measured_until say which span it is (unix time)
+    return {"window_seconds": window, "measured_seconds": round(span, 3), "rows": rows, "from": "live",
+            "tracking": tracker is not None, "measured_from": round(end - span, 3), "measured_until": round(end, 3)}
 
 
 def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
@@ -308,4 +398,5 @@ def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
             first = min(first, max(a, day_start))
             last = max(last, b)
     span = (last - first) if first is not None and last is not None else 0.0
-    return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "state"}
+    return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "state",
+            "measured_from": first, "measured_until": last}

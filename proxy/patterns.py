@@ -7,8 +7,9 @@ tokens, long hex runs and digit runs become ``*`` (``celery-task-meta-<uuid>`` -
 shown on the admin endpoint and in reports, so what looks like a secret or a person never appears
 there verbatim (see :func:`fold`). Multi-key blocking pops (BRPOP on a
 queue and its priority variants) list their folded keys. Counts are kept per (client, command,
-pattern) with a hard cap on distinct patterns (the rest count as ``other``), in per-minute buckets for
-windowed rates, and are flushed with the usage state. They are never Prometheus labels.
+pattern) with a hard cap on distinct patterns (the rest count as ``other``), in per-second buckets
+(per minute beyond an hour) for windowed rates, and are flushed with the usage state. They are never
+Prometheus labels.
 """
 
 from __future__ import annotations
@@ -118,12 +119,27 @@ class PatternTracker:
     """Counts per (client, command, pattern).
 
     The hot path adds to ``cur`` only (see :meth:`add`, or the session's inlined equivalent); the
-    once-a-second :meth:`tick` moves ``cur`` into the current minute's bucket and into what the store
-    has not seen yet. ``fast`` maps a raw first key to its final pattern for commands whose first
-    argument is their key, so most commands cost one dict lookup here.
+    once-a-second :meth:`tick` closes ``cur`` as one bucket of the time since the previous tick and
+    adds it to what the store has not seen yet. ``fast`` maps a raw first key to its final pattern for
+    commands whose first argument is their key, so most commands cost one dict lookup here.
+
+    Windowed counts (:meth:`window`) come from these buckets: one per tick (about a second) for the
+    last ``FINE_SECONDS``, then merged into buckets of about a minute for the last ``KEEP_SECONDS``.
+    Each bucket knows the span it covers, so a window is the buckets inside it, plus the one its start
+    falls in when more than half of that one is inside, over the span those buckets cover: a bucket
+    is never counted whole against a shorter span. Memory: at most ``FINE_ENTRIES`` counts in the
+    per-tick buckets (beyond that the oldest are merged early) and one bucket a minute beyond.
     """
 
-    __slots__ = ("limit", "cur", "fast", "_known", "_minutes", "_minute", "_unflushed", "clock", "_started")
+    __slots__ = (
+        "limit", "cur", "fast", "_known", "_fine", "_fine_entries", "_coarse", "_last_tick", "_kept_from",
+        "_unflushed", "clock", "_started",
+    )
+
+    FINE_SECONDS = 3600.0  # per-tick buckets for the last hour...
+    FINE_ENTRIES = 100_000  # ...holding at most this many counts (a busy proxy merges sooner)
+    COARSE_SECONDS = 60.0  # then buckets of at most a minute...
+    KEEP_SECONDS = 86400.0 + 60.0  # ...for a day
 
     def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.time) -> None:
         self.limit = limit
@@ -132,10 +148,13 @@ class PatternTracker:
         self.cur: dict[tuple[str, str, str], int] = {}  # since the last tick
         self.fast: dict[bytes, str] = {}  # raw first key -> pattern (already bounded)
         self._known: set[str] = set()
-        # per-minute counts for windowed rates: deque of (minute, {key: n}), the last 24 h
-        self._minutes: deque[tuple[int, dict[tuple[str, str, str], int]]] = deque(maxlen=24 * 60)
-        self._minute = int(self._started // 60)
-        self._minutes.append((self._minute, {}))
+        # buckets (start, end, {key: n}), oldest first, each covering (start, end]: per tick, then
+        # per minute; end of one == start of the next, but for ticks with nothing counted (no bucket)
+        self._fine: deque[tuple[float, float, dict[tuple[str, str, str], int]]] = deque()
+        self._fine_entries = 0
+        self._coarse: deque[tuple[float, float, dict[tuple[str, str, str], int]]] = deque()
+        self._last_tick = self._started
+        self._kept_from = self._started  # counts before this were dropped (older than KEEP_SECONDS)
         self._unflushed: dict[tuple[str, str, str], list] = {}  # key -> [n, first, last]
 
     def pattern(self, name: str, info: Any, args: list[bytes]) -> str:
@@ -148,6 +167,12 @@ class PatternTracker:
             shown = args[:2] if parent is not None and parent.subcommands and len(args) > 1 else args[:1]
             return self._bound(fold(b" ".join(a[:32] for a in shown)).upper())
         if len(args) < 2:
+            return NOKEY
+        if name == "client|setinfo":
+            # LIB-NAME shows what library sent the traffic (redis-py, 'redis-py(celery_v5.7.0)'); the
+            # report takes a Celery one as evidence (proxy/sources.toml)
+            if len(args) > 3 and args[2].lower() == b"lib-name":
+                return self._bound(fold(args[3][:64]))
             return NOKEY
         if name in MULTI_KEY:
             idx = cmdtable.key_indices(info, args)
@@ -185,41 +210,78 @@ class PatternTracker:
         cur[key] = cur.get(key, 0) + n
 
     def tick(self) -> None:
-        """Move what was counted since the last tick into its minute and the store's queue."""
+        """Close what was counted since the last tick as one bucket, and queue it for the store."""
         now = self.clock()
-        cur, self.cur = self.cur, {}
-        minute = int(now // 60)
-        if minute != self._minute:
-            self._minute = minute
-            self._minutes.append((minute, {}))
-        bucket = self._minutes[-1][1]
-        unflushed = self._unflushed
-        for k, n in cur.items():
-            bucket[k] = bucket.get(k, 0) + n
-            u = unflushed.get(k)
-            if u is None:
-                unflushed[k] = [n, now, now]
+        start = self._last_tick
+        if now < start:  # the wall clock stepped back: never a bucket that ends before it starts
+            now = start
+        self._last_tick = now
+        cur = self.cur
+        if cur:
+            self.cur = {}
+            self._fine.append((start, now, cur))
+            self._fine_entries += len(cur)
+            unflushed = self._unflushed
+            for k, n in cur.items():
+                u = unflushed.get(k)
+                if u is None:
+                    unflushed[k] = [n, now, now]
+                else:
+                    u[0] += n
+                    u[2] = now
+        self._age(now)
+
+    def _age(self, now: float) -> None:
+        """Merge per-tick buckets older than FINE_SECONDS (or beyond FINE_ENTRIES) into buckets of
+        at most COARSE_SECONDS, and drop those older than KEEP_SECONDS."""
+        fine, coarse = self._fine, self._coarse
+        while fine and (fine[0][1] <= now - self.FINE_SECONDS or self._fine_entries > self.FINE_ENTRIES):
+            s, e, d = fine.popleft()
+            self._fine_entries -= len(d)
+            if coarse and e - coarse[-1][0] <= self.COARSE_SECONDS:
+                cs, _, cd = coarse[-1]
+                for k, n in d.items():
+                    cd[k] = cd.get(k, 0) + n
+                coarse[-1] = (cs, e, cd)
             else:
-                u[0] += n
-                u[2] = now
+                coarse.append((s, e, d))
+        while coarse and coarse[0][1] <= now - self.KEEP_SECONDS:
+            self._kept_from = coarse.popleft()[1]
 
     def window(self, seconds: float) -> tuple[dict[tuple[str, str, str], int], float]:
-        """Counts over the last ``seconds`` (whole minutes plus the current one) and the span covered."""
+        """Counts over the last ``seconds`` and the span they cover (at least 1 s).
+
+        The span is ``seconds``, less what came before the tracker started (or was dropped), moved to
+        the edge of the bucket the window's start falls in: to its start when more than half of it
+        is inside the window (it is counted whole), to its end otherwise (it is left out)."""
         self.tick()
-        now = self.clock()
-        since = int((now - seconds) // 60)
+        now = self._last_tick
+        since = now - seconds
         out: dict[tuple[str, str, str], int] = {}
-        oldest = None
-        for m, d in self._minutes:
-            if m >= since:
-                oldest = m if oldest is None else min(oldest, m)
+        begin = since
+        for buckets in (self._fine, self._coarse):
+            for s, e, d in reversed(buckets):
+                if e <= since:
+                    break
+                if s < since:  # the bucket the window starts in
+                    if e - since < since - s:  # less than half inside: left out, the span starts at its end
+                        begin = e
+                        break
+                    begin = s
                 for k, n in d.items():
                     out[k] = out.get(k, 0) + n
-        start = max(now - seconds, self._started, (oldest * 60) if oldest is not None else now)
-        return out, max(1.0, now - start)
+            else:
+                continue
+            break
+        begin = max(begin, self._kept_from)
+        return out, max(1.0, now - begin)
 
     def started(self) -> float:
         return self._started
+
+    def measured_until(self) -> float:
+        """The end of the span :meth:`window` last measured (the time of the last tick)."""
+        return self._last_tick
 
     def take_deltas(self) -> dict[tuple[str, str, str], tuple[int, float, float]]:
         """Counts added since the last call, with first/last seen times, for the store."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
+
+DAY = 86400.0
 
 
 def _n(v: Any) -> str:
@@ -53,31 +56,59 @@ def _rate(v: float) -> str:
     return f"{v:.2f}"
 
 
+def when(iso: str) -> str:
+    """'2026-12-08T00:50:08.043209+00:00' -> '8 Dec 00:50 UTC'."""
+    t = dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc)
+    return f"{t.day} {t:%b %H:%M} UTC"
+
+
+def _cap_line(title: str, used: int, cap: int | None, hit: str | None, resets: str | None) -> str:
+    if not cap:
+        return f"{title}: {used:,} used (no cap)"
+    line = f"{title}: {used:,} used of {cap:,} cap"
+    if used >= cap:
+        return line + "; reached" + (f", until it resets on {when(resets)}" if resets else "")
+    if hit:
+        return line + f"; at this rate, reached on {when(hit)}"
+    return line + "; at this rate, not reached" + (f" before it resets on {when(resets)}" if resets else "")
+
+
 def format_report(rep: dict[str, Any], limit: int = 25) -> str:
     """The traffic breakdown a user can act on (``respmeter report``)."""
     t = rep["totals"]
     w = rep["window"]
     src = "live, last " + _dur(w["requested_seconds"]) if w["from"] == "live" else "state directory, today"
+    # one projection: the measured rate carried to a day and a month; the caps say when that rate reaches them
     lines = [
         f"respmeter report ({src}; measured over {_dur(w['measured_seconds'])})",
         "",
-        f"Total: {_rate(t['per_minute'])}/min, {_rate(t['per_hour'])}/hour, {t['per_day']:,}/day projected, "
+        f"Total: {_rate(t['per_minute'])}/min, {_rate(t['per_hour'])}/hour; at this rate {t['per_day']:,}/day, "
         f"~{t['per_month']:,}/month",
     ]
+    measured = float(w["measured_seconds"])
+    notes = []
+    if measured < 3600 and t["commands"]:
+        notes.append(f"Projected from only {_dur(measured)} of traffic (x{DAY / measured:,.0f} for a day): a burst "
+                     "or a start-up in it counts as if it went on all day.")
+    if w.get("covers_requested") is False:
+        notes.append(f"The proxy has counted for {_dur(measured)} of the {_dur(w['requested_seconds'])} asked for.")
+    if notes:
+        lines.append(" ".join(notes))
     if "used_today" in t:
-        cap = f" of {t['daily_cap']:,} cap" if t.get("daily_cap") else ""
-        lines.append(f"Today: {t['used_today']:,} used{cap}; projected by midnight: {t['projected_today']:,}")
-        cap = f" of {t['monthly_cap']:,} cap" if t.get("monthly_cap") else ""
-        lines.append(f"This month: {t['used_month']:,} used{cap}; projected by month end: {t['projected_month']:,}")
-        if t.get("monthly_cap"):
-            hit = t.get("monthly_cap_hit_at")
-            lines.append(f"Monthly cap reached: {hit or 'not this month at this rate'}")
+        lines.append(_cap_line("Today", t["used_today"], t.get("daily_cap"), t.get("daily_cap_hit_at"),
+                               t.get("daily_resets_at")))
+        lines.append(_cap_line("This month", t["used_month"], t.get("monthly_cap"), t.get("monthly_cap_hit_at"),
+                               t.get("monthly_resets_at")))
     free = t["upstash_free_monthly"]
     hit = t.get("upstash_free_hit_at")
-    lines.append(
-        f"Upstash free tier ({free:,}/month): this rate uses {100 * t['upstash_free_share']:.0f}% of it"
-        + (f"; reached {hit}" if hit else "")
-    )
+    if hit and t.get("used_month", 0) >= free:
+        hit_text = "; this month's use is past it"
+    elif hit:
+        hit_text = f"; at this rate, this month's use reaches it on {when(hit)}"
+    else:
+        hit_text = ""
+    lines.append(f"Upstash free tier ({free:,}/month): this rate uses {100 * t['upstash_free_share']:.0f}% of it"
+                 + hit_text)
     lines.append("")
     if rep["sources"]:
         lines.append("Where it comes from:")
@@ -87,6 +118,8 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
         if rep["unrecognised"]["count"]:
             u = rep["unrecognised"]
             lines.append(f"  {100 * u['share']:5.1f}%  {'':>10}      unrecognised (see the table)")
+        for e in rep.get("evidence", []):
+            lines.append(f"  {e['software']} recognised for client {e['client']}: seen {', '.join(e['seen'])}")
         lines.append("")
         lines.append("What cuts it:")
         for s in rep["sources"]:
