@@ -407,6 +407,15 @@ class Limits:
                 session.idle_until = None
                 empty = b"_\r\n" if session.protocol == 3 else BLOCKING[name][1]
                 return Admission.REPLY, empty, "rejected:cap"
+        if self.caps.on_cap == "idle" and not session.multi_view and not session.got_reply:
+            # A client that connected at the cap (the server has never answered it, its handshake
+            # was answered here): a worker starting up would exit at its first real command, so
+            # that command waits, quietly, for the window to reset, and goes then.
+            if session.idle_until is None or now >= session.idle_until:
+                session.idle_until = self.bounds[pool.window][1]
+            if self.call_later is not None:
+                self.call_later(max(0.0, session.idle_until - now) + 0.001, session.resume)
+            return Admission.WAIT, None, ""
         return Admission.REPLY, self.cap_error(pool), "rejected:cap"
 
     def _rate(self, session: Session, client: str, name: str, now: float) -> tuple[int, Any, str] | None:

@@ -132,3 +132,33 @@ def test_a_client_can_connect_at_an_exhausted_cap(protocol: int, redis_factory, 
     ids.add(hello2[b"id"] if protocol == 3 else hello2[7])
     assert len(ids) == 2 and all(i >= 1 << 32 for i in ids)
     assert s.call("SELECT", "0") == b"OK" and isinstance(s.call("SELECT", "1"), support.RespError)
+
+
+@pytest.mark.slow
+def test_a_celery_worker_started_at_an_exhausted_cap_waits_quietly(redis_factory, proxy_factory, tmp_path) -> None:
+    """Issue 11.11: under on_cap = idle, a worker started after the cap is used up connects (its
+    handshake is answered by the proxy) and then waits at its first real command for the window
+    to reset: it stays alive, idle, and the server sees nothing; SIGTERM still stops it."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--daily-cap", "40", "--on-cap", "idle"], log_level="info")
+    proxy.client().ping()  # a HELLO reply to remember
+    _exhaust(proxy, 40)
+    direct = server.client()
+    before = support.commandstats(direct)
+    worker = support.CeleryWorker(f"{proxy.url}/0", tmp_path / "late", stop_timeout=5)
+    try:
+        worker.start()
+        time.sleep(6)
+        assert worker.is_running(), worker.log_text()[-3000:]
+        assert "Unrecoverable error" not in worker.log_text() and "Traceback" not in worker.log_text()
+        cpu = worker.cpu_seconds()
+        time.sleep(3)
+        assert worker.cpu_seconds() - cpu < 0.3  # waiting, not spinning
+        local = proxy.metric_sum("respmeter_commands_total", by=("command",), outcome="local")
+        assert local.get("hello", 0) >= 1  # it connected
+        t0 = time.monotonic()
+    finally:
+        worker.stop()
+    assert time.monotonic() - t0 < 8
+    delta = support.commandstats_delta(before, support.commandstats(direct))
+    assert set(delta) <= {"info"}, delta  # nothing billed (the test's own INFO reads only)

@@ -448,3 +448,24 @@ def test_quit_at_the_cap_is_answered(tmp_path: Path) -> None:
     assert c.send([b"QUIT"]) == b""
     assert c.client_out() == b"+OK\r\n"
     assert c.s.closed
+
+
+def test_on_cap_idle_a_client_that_connected_at_the_cap_waits_for_the_reset(tmp_path: Path) -> None:
+    """A connection the server never answered (it connected at the cap) is not refused under
+    idle: its first real command waits for the window to reset, then goes. A connection that was
+    already talking to the server keeps getting the cap error (see the tests above)."""
+    rig = Rig(tmp_path, CapConfig(daily=2, on_cap="idle"))
+    c = rig.session()
+    c.send([b"INCR", b"k"], [b"INCR", b"k"])
+    c.s.upstream_data(b":1\r\n:2\r\n")
+    c.client_out()
+    late = rig.session()
+    assert late.send([b"SET", b"a", b"1"], [b"GET", b"a"]) == b""
+    assert late.client_out() == b""  # held: no error, nothing sent
+    (delay, _), = rig.timers.calls
+    reset = rig.limits.bounds["daily"][1]
+    assert delay == pytest.approx(reset - rig.clock.t, abs=0.01)
+    rig.clock.t = reset + 1  # the next day: budget again
+    rig.timers.fire()
+    assert b"".join(late.to_upstream) == encode_command([b"SET", b"a", b"1"]) + encode_command([b"GET", b"a"])
+    assert rig.limits.used("daily") == 2  # the new day's
