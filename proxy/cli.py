@@ -583,7 +583,7 @@ class App:
         from .admin import AdminServer
         from .health import Health
         from .metrics import HealthCollector, LimitsCollector, Stats, StatsCollector
-        from .server import Proxy, ProxySettings, classify_connect_error
+        from .server import Proxy, ProxySettings, probe_upstream
 
         opts = self.opts
         upstream = self.upstream
@@ -620,47 +620,10 @@ class App:
             self.log.error("%s", exc)
             return 2
 
-        async def probe() -> str | None:
-            """Connect (TCP, or TLS with its handshake) and close, sending nothing: not billable."""
-            loop = asyncio.get_running_loop()
-            lost: asyncio.Future = loop.create_future()
-
-            class Probe(asyncio.Protocol):
-                def connection_lost(self, exc: Exception | None) -> None:
-                    if not lost.done():
-                        lost.set_result(exc)
-
-            try:
-                if upstream.path:
-                    coro = loop.create_unix_connection(Probe, upstream.path)
-                else:
-                    coro = loop.create_connection(
-                        Probe,
-                        upstream.host,
-                        upstream.port,
-                        ssl=settings.ssl_context,
-                        server_hostname=upstream.host if settings.ssl_context else None,
-                    )
-                transport, _ = await asyncio.wait_for(coro, settings.connect_timeout)
-            except Exception as exc:  # noqa: BLE001
-                return classify_connect_error(exc, settings.connect_timeout)[1]
-            if settings.ssl_context is not None:
-                # TLS 1.3 servers refuse a missing or wrong client certificate just after the
-                # handshake: give them a moment to say so
-                try:
-                    exc = await asyncio.wait_for(asyncio.shield(lost), 0.25)
-                except asyncio.TimeoutError:
-                    pass
-                else:
-                    return ("upstream TLS: the server dropped the connection after the handshake (does it "
-                            f"require a client certificate?): {exc or 'closed'}")
-            transport.close()
-            return None
-
         stats = Stats(opts["client_label_limit"])
         registry = CollectorRegistry()
         registry.register(StatsCollector(stats))
-        health = Health(probe)
+        health = Health(lambda: probe_upstream(settings))
         health.traffic = lambda: stats.bytes["from_upstream"]
         stats.on_quota = health.quota_exceeded
 

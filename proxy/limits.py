@@ -325,14 +325,9 @@ class Limits:
         else:
             need = 1 + extra
         if need:
-            try:
-                stop = self._take(pools, need)
-            except sqlite3.Error as exc:
-                # fail closed: a command whose budget cannot be recorded is not sent
-                log.error("usage state unavailable: %s", exc)
-                return Admission.REPLY, encode_error(
-                    f"ERR respmeter: usage state unavailable ({exc}); command not sent, try again"
-                ), "rejected:state_unavailable"
+            stop = self._take_recorded(pools, need)
+            if isinstance(stop, tuple):
+                return stop
             if stop is not None:
                 if session.multi_view and name not in ("exec", "discard"):
                     session.tx_doomed = True
@@ -351,14 +346,21 @@ class Limits:
         pools = self.pools_for(session.client)
         if not pools:
             return None
+        stop = self._take_recorded(pools, n)
+        if isinstance(stop, tuple):
+            return stop
+        return None if stop is None else self._capped(session, args, name, stop, now)
+
+    def _take_recorded(self, pools: list[Pool], n: int) -> Pool | tuple[int, Any, str] | None:
+        """_take, failing closed: a command whose budget cannot be recorded is not sent (the
+        verdict for it), rather than sent uncounted."""
         try:
-            stop = self._take(pools, n)
+            return self._take(pools, n)
         except sqlite3.Error as exc:
             log.error("usage state unavailable: %s", exc)
             return Admission.REPLY, encode_error(
                 f"ERR respmeter: usage state unavailable ({exc}); command not sent, try again"
             ), "rejected:state_unavailable"
-        return None if stop is None else self._capped(session, args, name, stop, now)
 
     def _tx_cap_error(self, session: Session) -> bytes:
         for p in self.pools_for(session.client):

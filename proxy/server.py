@@ -100,6 +100,47 @@ def classify_connect_error(exc: BaseException, timeout: float) -> tuple[str, str
     return "connect_error", type(exc).__name__
 
 
+async def probe_upstream(settings: ProxySettings) -> str | None:
+    """Connect to the upstream (TCP, or TLS with its handshake) and close, sending nothing, so it
+    is not billable: None when it accepts, else why not (proxy.health asks this when its evidence
+    is stale)."""
+    upstream = settings.upstream
+    loop = asyncio.get_running_loop()
+    lost: asyncio.Future = loop.create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+    try:
+        if upstream.path:
+            coro = loop.create_unix_connection(Probe, upstream.path)
+        else:
+            coro = loop.create_connection(
+                Probe,
+                upstream.host,
+                upstream.port,
+                ssl=settings.ssl_context,
+                server_hostname=(settings.server_hostname or upstream.host) if settings.ssl_context else None,
+            )
+        transport, _ = await asyncio.wait_for(coro, settings.connect_timeout)
+    except Exception as exc:  # noqa: BLE001
+        return classify_connect_error(exc, settings.connect_timeout)[1]
+    if settings.ssl_context is not None:
+        # TLS 1.3 servers refuse a missing or wrong client certificate just after the handshake:
+        # give them a moment to say so
+        try:
+            exc = await asyncio.wait_for(asyncio.shield(lost), 0.25)
+        except asyncio.TimeoutError:
+            pass
+        else:
+            return ("upstream TLS: the server dropped the connection after the handshake (does it "
+                    f"require a client certificate?): {exc or 'closed'}")
+    transport.close()
+    return None
+
+
 class ClientConnection(asyncio.Protocol):
     """A client connection and, through its Session, its upstream connection."""
 
