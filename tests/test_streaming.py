@@ -213,3 +213,62 @@ def test_a_stream_broken_in_the_middle_closes_both_sides() -> None:
     assert b"Protocol error" in b"".join(p.to_client)
     assert "upstream" in p.closed and "client" in p.closed
     assert p.stats.protocol_errors == 1
+
+
+def _frame_all(data: bytes, seed: int, ok: bool):  # noqa: ANN202
+    """Every request's bytes (streamed ones joined), and the error, over random splits."""
+    rnd = random.Random(seed)
+    p = RequestParser(streamable=STREAMABLE)
+    p.stream_ok = lambda: ok
+    global _heads
+    out: list[bytes] = []
+    cur: bytearray | None = None
+    i = 0
+    while i < len(data) and p.error is None:
+        piece = data[i : i + rnd.choice([1, 2, 3, 7, 100, 4096, 65536, 262144, 1 << 30])]
+        i += len(piece)
+        cmds, raw = p.feed(piece)
+        if p.pre is not None:
+            assert cur is not None
+            cur += p.pre
+            p.pre = None
+            if (not p.streaming and p.error is None) or p.head is not None:
+                out.append(bytes(cur))
+                cur = None
+        out.extend(raw[s:e] for _a, s, e in expand(cmds, raw))
+        if p.head is not None:
+            cur = bytearray(p.head[1])
+            p.head = None
+            _heads += 1
+    return out, p.error
+
+
+_heads = 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_frames_exactly_as_holding_does(seed: int) -> None:
+    """Random requests (small, large, many-argument), damaged or not, over random splits: the
+    streaming framer gives the same requests, byte for byte, and the same error as the one that
+    holds every request whole."""
+    rnd = random.Random(seed)
+    for it in range(25):
+        reqs = []
+        for _ in range(rnd.randint(1, 5)):
+            name = rnd.choice([b"SET", b"GET", b"RPUSH", b"APPEND", b"PING"])
+            many = name == b"RPUSH" and rnd.random() < 0.3
+            args = [name] + [
+                bytes([rnd.randint(0, 255)]) * (rnd.randint(0, 8) if many else
+                                                rnd.choice([0, 1, 300, 70_000, STREAM_MIN + rnd.randint(0, 9999)]))
+                for _ in range(5000 if many else rnd.randint(0, 3))
+            ]
+            reqs.append(encode_command(args))
+        data = b"".join(reqs)
+        if rnd.random() < 0.3:
+            pos = rnd.randrange(len(data))
+            data = data[:pos] + bytes([rnd.choice(b"*$\r\nx0")]) + data[pos + 1 :]
+        held, held_err = _frame_all(data, seed * 1000 + it, False)
+        streamed, streamed_err = _frame_all(data, seed * 1000 + it + 500, True)
+        assert streamed_err == held_err, it
+        assert streamed == held, it
+    assert _heads > 0  # (requests were streamed)
