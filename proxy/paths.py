@@ -25,8 +25,12 @@ NOT_DEFERRED = frozenset({"exec", "discard", "reset", "quit", "multi"})
 UNTIMED = frozenset(SUBSCRIBE_CMDS | {"monitor", "wait", "waitaof", "xread", "xreadgroup"})
 
 
+# WAIT and WAITAOF block for their timeout too, though the command table does not flag WAIT
+WAITS = {"wait": 2, "waitaof": 3}  # name -> index of the timeout argument (milliseconds)
 # Blocking commands: looked at one by one too (their timeout is an argument; see Session._route)
-BLOCKING_NAMES = frozenset(name for name, info in cmdtable.all_commands().items() if info.blocking)
+BLOCKING_NAMES = frozenset(
+    {name for name, info in cmdtable.all_commands().items() if info.blocking} | set(WAITS)
+)
 # The names at which the session's fast path stops and hands over to the one-by-one path
 STOP = SPECIAL | BLOCKING_NAMES
 
@@ -80,7 +84,15 @@ BLOCKING = {
 
 
 def block_timeout(name: str, args: list[bytes]) -> float | None:
-    """The timeout of a blocking command in seconds (0: forever), or None when it has none."""
+    """The timeout of a blocking command in seconds (0: forever), or None when it has none (or it
+    is not one of BLOCKING or WAITS)."""
+    if name in WAITS:
+        try:
+            return max(0.0, int(args[WAITS[name]]) / 1000.0)
+        except (ValueError, IndexError):
+            return None
+    if name not in BLOCKING:
+        return None
     idx, _ = BLOCKING[name]
     try:
         if idx is None:  # XREAD/XREADGROUP ... BLOCK ms ...

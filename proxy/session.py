@@ -26,7 +26,7 @@ from . import resp, streaming
 from .handshake import RECORDED
 from .metrics import PROXY_CLIENT, Stats
 from .paths import (
-    BLOCKING,
+    BLOCKING_NAMES,
     NOT_DEFERRED,
     SPECIAL,
     STREAMABLE,
@@ -680,7 +680,7 @@ class Session:
         if tracker is not None:
             tracker.add(client, name, tracker.pattern(name, info, args))
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
-        blocking = info is not None and info.blocking
+        blocking = name in BLOCKING_NAMES
         book = self.book
         capture = book is not None and name in RECORDED and not self.multi_view and book.wants(name, args)
         if not (silent or self.multi_view or blocking or capture or name in SPECIAL):
@@ -700,7 +700,7 @@ class Session:
         elif blocking:
             e.timed = False
             # when its reply is due at the latest (an upstream that says nothing by then stalls)
-            timeout = block_timeout(name, args) if name in BLOCKING else None
+            timeout = block_timeout(name, args)
             e.deadline = now + timeout if timeout else None
         if capture:
             e.capture = args  # its reply bytes are kept (internal_buf) and recorded

@@ -115,6 +115,9 @@ def test_blocking_commands_wait_their_own_timeout(redis_factory, proxy_factory) 
     assert c.blpop(["never"], timeout=2) is None  # longer than --upstream-timeout: still fine
     assert time.monotonic() - t0 >= 1.9
     assert c.set("after", "1")
+    t0 = time.monotonic()
+    assert c.execute_command("WAIT", 1, 2000) == 0  # no replica: WAIT blocks its 2 s, then says 0
+    assert time.monotonic() - t0 >= 1.9
     assert proxy.healthz()[0] == 200
 
 
