@@ -73,8 +73,8 @@ class Gate:
         # per address, sessions waiting for budget to start their check (first come, first woken)
         self._parked: dict[str, dict[Session, None]] = {}
         self.commands = commands if commands else None
-        # Names the session must hand to ``admit`` one by one, never forward on its fast path: a
-        # Session built with this gate takes them (``session.slow_names is gate.slow_names``).
+        # Names the session must hand to ``admit`` one by one, never forward on its fast path (a
+        # Session takes them from its policy: proxy.paths.fast_sets).
         self.slow_names: frozenset[str] = commands.slow_names if commands else frozenset()
 
     # -- Session policy protocol --------------------------------------------------------------
