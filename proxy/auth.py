@@ -4,7 +4,8 @@
   ``respmeter hash-password``) and an optional ``label`` (the ``client`` label of their commands).
 * Upstream credentials come from the upstream URL, ``RESPMETER_UPSTREAM_PASSWORD`` or a password file.
   They authenticate every upstream connection lazily, just before its first forwarded command, so a
-  client that never authenticates (or never sends anything) costs no billable command. A client's
+  client that never authenticates (or never sends anything) costs no billable command; that command
+  waits for the answer, and nothing is forwarded if they are refused (proxy.gate). A client's
   ``HELLO`` carries them when it is the first command (``HELLO 3 AUTH user pass``: no extra command).
 * A client's own ``AUTH`` / ``HELLO … AUTH`` is answered by the proxy, never forwarded with the
   client's credentials, when the proxy has users or upstream credentials. With neither, the proxy is
