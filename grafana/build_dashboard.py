@@ -356,14 +356,45 @@ def panels() -> list[dict]:
                 "{{command}}")],
     ))
 
+    # -- savers ---------------------------------------------------------------------------------
+    ps.append(row(nid(), "Savers: commands the proxy answered instead of the upstream", 38))
+    ps.append(timeseries(
+        nid(), "Saved commands/s by saver",
+        "Commands a saver (--savers: poll, events, ping, handshake, sweeps) answered in the proxy, "
+        "so they never reached the upstream and are not billed, stacked by saver. Empty when no saver "
+        "is on.",
+        (0, 39, 8, 8),
+        [target("A", f"sum by (saver) (rate(respmeter_saved_commands_total{{{SEL_CC}}}[{rate}]))", "{{saver}}")],
+        stacked=True,
+    ))
+    ps.append(timeseries(
+        nid(), "Saved vs upstream commands/s",
+        "saved: answered by the proxy's savers; upstream: still sent to the upstream (the billed count, the "
+        "proxy's own commands included). Stacked, the two make what would go upstream without the savers.",
+        (8, 39, 8, 8),
+        [
+            target("A", f"sum(rate(respmeter_saved_commands_total{{{SEL_CC}}}[{rate}]))", "saved"),
+            target("B", f"sum(rate(respmeter_upstream_commands_total{{{SEL_CC}}}[{rate}]))", "upstream"),
+        ],
+        stacked=True,
+    ))
+    ps.append(table(
+        nid(), "Saved commands by saver and command (selected time range)",
+        "Commands each saver answered in the proxy over the dashboard's time range, by command.",
+        (16, 39, 8, 8),
+        [target("A", f"sum by (saver, command) (increase(respmeter_saved_commands_total{{{SEL_CC}}}"
+                     "[$__range]))", "{{saver}} {{command}}", instant=True, table=True)],
+        value_name="saved commands",
+    ))
+
     # -- rejections and errors ----------------------------------------------------------------
-    ps.append(row(nid(), "Rejections and errors", 38))
+    ps.append(row(nid(), "Rejections and errors", 47))
     ps.append(timeseries(
         nid(), "Rejected and throttled commands/s by reason",
         "Rate limit rules (action=reject refuses, action=delay holds the command) and caps (commands refused "
         "because the daily or monthly cap was reached). 'rejected: <reason>' counts every refused command by "
         "why: cap, rate_limit, rate_limit_queue_full, noauth, auth_failed, upstream_unavailable.",
-        (0, 39, 12, 8),
+        (0, 48, 12, 8),
         [
             target("A", f"sum by (rule, action) (rate(respmeter_throttled_total{{{SEL}}}[{rate}]))",
                    "rate limit {{rule}} ({{action}})"),
@@ -379,7 +410,7 @@ def panels() -> list[dict]:
         "'quota exceeded' counts replies in which the provider said its request quota is used up (Upstash "
         "'max requests limit exceeded'); 'client protocol errors' are client connections closed for "
         "malformed requests.",
-        (12, 39, 12, 8),
+        (12, 48, 12, 8),
         [
             target("A", f"sum by (kind) (rate(respmeter_upstream_errors_total{{{SEL}}}[{rate}]))", "{{kind}}"),
             target("B", f"sum(rate(respmeter_upstream_quota_exceeded_total{{{SEL}}}[{rate}]))",
@@ -389,14 +420,14 @@ def panels() -> list[dict]:
     ))
 
     # -- latency -------------------------------------------------------------------------------
-    ps.append(row(nid(), "Latency (forward to reply, as seen by the proxy)", 47))
+    ps.append(row(nid(), "Latency (forward to reply, as seen by the proxy)", 56))
     for x, q in ((0, "0.5"), (12, "0.99")):
         name = "p50" if q == "0.5" else "p99"
         ps.append(timeseries(
             nid(), f"Latency {name} by command",
             f"{name} of the round trip from forwarding a command to its reply, by command (blocking commands "
             "and subscriptions are not observed). Buckets from 50us to 10s.",
-            (x, 48, 12, 8),
+            (x, 57, 12, 8),
             [target("A", f"histogram_quantile({q}, sum by (le, command) "
                          f"(rate(respmeter_command_duration_seconds_bucket{{{SEL},command=~\"$command\"}}[{rate}])))",
                     "{{command}}")],
@@ -404,11 +435,11 @@ def panels() -> list[dict]:
         ))
 
     # -- connections and bytes ------------------------------------------------------------------
-    ps.append(row(nid(), "Connections and bytes", 56))
+    ps.append(row(nid(), "Connections and bytes", 65))
     ps.append(timeseries(
         nid(), "Open client connections",
         "Client connections open now, stacked by proxy instance.",
-        (0, 57, 8, 8),
+        (0, 66, 8, 8),
         [target("A", f"sum by (instance) (respmeter_client_connections{{{SEL}}})", "{{instance}}")],
         unit="short", stacked=True,
     ))
@@ -417,7 +448,7 @@ def panels() -> list[dict]:
         "Client connections accepted per second, connections refused (refused max_clients: "
         "--max-clients reached; refused out_of_fds: the proxy ran out of file descriptors), and "
         "out-of-band frames (pub/sub messages, RESP3 pushes, MONITOR lines) passed to clients.",
-        (8, 57, 8, 8),
+        (8, 66, 8, 8),
         [
             target("A", f"sum(rate(respmeter_connections_total{{{SEL}}}[{rate}]))", "connections accepted"),
             target("B", f"sum(rate(respmeter_push_messages_total{{{SEL}}}[{rate}]))", "push messages"),
@@ -428,7 +459,7 @@ def panels() -> list[dict]:
     ps.append(timeseries(
         nid(), "Bytes/s in and out",
         "from_client / to_client: the clients' side; to_upstream / from_upstream: the Redis side.",
-        (16, 57, 8, 8),
+        (16, 66, 8, 8),
         [target("A", f"sum by (direction) (rate(respmeter_bytes_total{{{SEL}}}[{rate}]))", "{{direction}}")],
         unit="Bps",
     ))
@@ -459,8 +490,8 @@ def dashboard() -> dict:
     return {
         "uid": UID,
         "title": "respmeter",
-        "description": "Billable Redis commands against the caps, traffic, rejections, errors and latency of "
-                       "respmeter proxies.",
+        "description": "Billable Redis commands against the caps, traffic, commands saved by the proxy, "
+                       "rejections, errors and latency of respmeter proxies.",
         "tags": ["respmeter", "redis"],
         "editable": True,
         "graphTooltip": 1,

@@ -577,6 +577,32 @@ class App:
         self.log.info("caps: daily %s, monthly %s, per client %s; timezone %s; on_cap %s", caps.daily or "none",
                       caps.monthly or "none", per_client or "none", caps.timezone, caps.on_cap)
 
+    def _savers(self, settings: Any, stats: Any, book: Any, limits: Any, upstream: Any, loop: Any) -> Any:
+        """The savers asked for (--savers), or None: the proxy then stays fully transparent."""
+        from .saverconfig import SaverConfig, parse_savers
+
+        opts = self.opts
+        enabled = parse_savers(opts["savers"])
+        if not enabled:
+            return None
+        from .auth import UpstreamAuth
+        from .control import ControlLink
+        from .savers import Savers
+
+        config = SaverConfig(
+            enabled=enabled, hold=opts["saver_hold"], recheck=opts["saver_recheck"],
+            channels=tuple(opts["saver_channels"]), sweep_every=opts["saver_sweep_every"],
+        )
+        control = None
+        if "poll" in enabled:
+            auth = UpstreamAuth(upstream.username, upstream.password, upstream.db)
+            control = ControlLink(settings, stats, auth.commands(), budget=limits, db=upstream.db or 0)
+        savers = Savers(
+            config, stats, handshake=book, call_later=lambda d, fn: loop.call_later(d, fn), control=control,
+            budget=limits, keepalive=settings.keepalive is not None,
+        )
+        return savers
+
     async def main(self) -> int:
         from prometheus_client import CollectorRegistry
 
@@ -663,7 +689,9 @@ class App:
         limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats,
                         handshake=book)
         self.limits = limits
+        savers = self._savers(settings, stats, book, limits, upstream, loop)
         gate = Gate(
+            savers=savers,
             handshake=book,
             verifier=verifier,
             upstream_auth=UpstreamAuth(upstream.username, upstream.password, upstream.db),
@@ -674,6 +702,8 @@ class App:
             commands=self.command_policy,
         )
         settings.policy = gate
+        if savers is not None:
+            self.log.info("savers: %s", savers.config.describe())
         if self.command_policy is not None:
             self.log.info("command policy (--deny-commands): %s", self.command_policy.describe())
         registry.register(LimitsCollector(limits))
@@ -695,7 +725,7 @@ class App:
                 window = parse_duration(query.get("window", ["10m"])[0])
             except ValueError as exc:
                 return json_response({"error": str(exc)}, 400)
-            return json_response(live_traffic(stats, limits, window))
+            return json_response(live_traffic(stats, limits, window, savers=savers.enabled if savers is not None else ()))
 
         admin.add_route("/api/traffic", api_patterns)
         if not await self._start_listeners(proxy, admin):
@@ -736,7 +766,11 @@ class App:
         flush_task = loop.create_task(flusher())
         await stop.wait()
         await admin.close()
+        if savers is not None:
+            savers.shutdown()  # what the savers hold upstream goes back first
         await proxy.shutdown(opts["shutdown_timeout"])
+        if savers is not None and savers.control is not None:
+            savers.control.close()
         flush_task.cancel()
         limits.close()
         store.close()

@@ -50,13 +50,16 @@ from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
 from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
 
-TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands"}
+TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands", "savers"}
+# [savers] keys -> run options
+SAVERS_KEYS = {"enable": "savers", "hold": "saver_hold", "recheck": "saver_recheck",
+               "channels": "saver_channels", "sweep_every": "saver_sweep_every"}
 COMMANDS_KEYS = {"deny"}
 CAP_KEYS = {"daily", "monthly", "timezone", "on_cap", "clients"}
 RULE_KEYS = {"name", "client", "command", "rate", "burst", "action", "max_queue"}
 # options that only make sense on the command line, or live in their own sections
 NOT_IN_PROXY = {"config", "daily_cap", "monthly_cap", "client_cap", "cap_timezone", "on_cap", "rate_limit",
-                "deny_commands"}
+                "deny_commands", *SAVERS_KEYS.values()}
 
 
 @dataclass
@@ -200,7 +203,7 @@ def load_config(path: str) -> FileConfig:
         if o is None or dest in NOT_IN_PROXY:
             hint = ""
             if dest in NOT_IN_PROXY:
-                hint = " (caps, rate limits and the command policy have their own sections)"
+                hint = " (caps, rate limits, the command policy and savers have their own sections)"
             ck.problem(["proxy", key], f"unknown option{hint}")
             continue
         try:
@@ -296,6 +299,22 @@ def load_config(path: str) -> FileConfig:
                 ck.problem(["commands", key, i], msg, _locate_item(text, ["commands", key], i))
             if not problems:
                 cfg.values["deny_commands"] = ",".join(value)
+
+    savers = data.get("savers", {})
+    if not isinstance(savers, dict):
+        ck.problem(["savers"], "must be a table")
+        savers = {}
+    for key, value in savers.items():
+        dest = SAVERS_KEYS.get(key)
+        if dest is None:
+            ck.problem(["savers", key], f"unknown key (expected one of: {', '.join(sorted(SAVERS_KEYS))})")
+            continue
+        if key == "enable" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        try:
+            cfg.values[dest] = _convert(options[dest], value)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            ck.problem(["savers", key], str(exc))
 
     listens = cfg.values.get("listen") or []
     try:

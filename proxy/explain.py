@@ -330,8 +330,69 @@ def build_report(
         "rows": rows,
         "evidence": shown,
         "ineffective_settings": INEFFECTIVE if celery else [],
+        "saved": _saved_section(traffic, span, per_day_total, out_sources),
     }
     return report
+
+
+# what Celery sends that ``--savers celery`` answers in part (the hint when no saver is on), in words
+SAVER_HINT_SOURCES = {"celery.broker_polling": "queue polling", "celery.heartbeat": "heartbeats"}
+
+
+def _saved_section(traffic: dict[str, Any], span: float, upstream_per_day: float,
+                   sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """What savers answered instead of the upstream over the window (the rest of the report is
+    what is left: what still goes upstream), and a hint when none is on but Celery's polling or
+    heartbeats are there."""
+    rows_in = traffic.get("saved") or []
+    saved_span = max(1.0, float(traffic.get("saved_measured_seconds") or span))
+    savers = traffic.get("savers")
+    rows = []
+    by_saver: dict[str, dict[str, Any]] = {}
+    for r in rows_in:
+        per_s = r["count"] / saved_span
+        rows.append({
+            "client": r["client"],
+            "command": r["command"],
+            "saver": r["saver"],
+            "count": r["count"],
+            "per_minute": round(per_s * 60, 2),
+            "per_hour": round(per_s * 3600, 1),
+            "per_day": round(per_s * DAY),
+        })
+        b = by_saver.setdefault(r["saver"], {"saver": r["saver"], "count": 0, "commands": set(), "clients": set()})
+        b["count"] += r["count"]
+        b["commands"].add(r["command"])
+        b["clients"].add(r["client"])
+    rows.sort(key=lambda r: (-by_saver[r["saver"]]["count"], r["saver"], -r["count"], r["command"], r["client"]))
+    savers_out = []
+    for b in sorted(by_saver.values(), key=lambda b: (-b["count"], b["saver"])):
+        savers_out.append({"saver": b["saver"], "count": b["count"], "per_day": round(b["count"] / saved_span * DAY),
+                           "commands": sorted(b["commands"]), "clients": sorted(b["clients"])})
+    total = sum(r["count"] for r in rows)
+    per_day = total / saved_span * DAY
+    # of what clients would have sent upstream without the savers, the part they answered
+    would_be = per_day + upstream_per_day
+    hint = None
+    if not total and not savers:
+        seen = [s for s in sources if s["id"] in SAVER_HINT_SOURCES]
+        if seen:
+            what = " and ".join(SAVER_HINT_SOURCES[s["id"]] for s in seen)
+            hint = (f"respmeter run --savers celery lets the proxy answer part of Celery's {what} "
+                    f"({sum(s['per_day'] for s in seen):,}/day here) itself, without sending it upstream.")
+    return {
+        "savers": savers,
+        "measured_seconds": round(saved_span, 1),
+        "count": total,
+        "per_minute": round(total / saved_span * 60, 2),
+        "per_hour": round(total / saved_span * 3600, 1),
+        "per_day": round(per_day),
+        "per_month": round(per_day * 30),
+        "share": round(per_day / would_be, 4) if would_be else 0.0,
+        "by_saver": savers_out,
+        "rows": rows,
+        "hint": hint,
+    }
 
 
 CELERY = "celery"  # the [[evidence]] whose clients get the Celery advice (ineffective settings)
@@ -363,8 +424,9 @@ def _hit_at(used: int, cap: int | None, per_day: float, now: float, window: dict
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
 
 
-def live_traffic(stats: Any, limits: Any, window: float) -> dict[str, Any]:
-    """The traffic table of a running proxy over the last ``window`` seconds."""
+def live_traffic(stats: Any, limits: Any, window: float, savers: Any = None) -> dict[str, Any]:
+    """The traffic table of a running proxy over the last ``window`` seconds, and what its savers
+    answered over it (``savers``: the names of the savers on, when the caller knows them)."""
     tracker = stats.patterns
     rows = []
     span = 0.0
@@ -374,10 +436,27 @@ def live_traffic(stats: Any, limits: Any, window: float) -> dict[str, Any]:
         end = tracker.measured_until()
         for (client, cmd, pat), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
             rows.append({"client": client, "command": cmd, "pattern": pat, "count": n})
+    saved, saved_span = _saved_rows(stats, window)
     # measured_seconds is the span the counts cover (see PatternTracker.window), to 1 ms: the rates
-    # divide by it; measured_from / measured_until say which span it is (unix time)
+    # divide by it; measured_from / measured_until say which span it is (unix time). The saved rows
+    # (commands savers answered, never sent upstream) cover saved_measured_seconds, the same span
+    # when key patterns are tracked.
     return {"window_seconds": window, "measured_seconds": round(span, 3), "rows": rows, "from": "live",
-            "tracking": tracker is not None, "measured_from": round(end - span, 3), "measured_until": round(end, 3)}
+            "tracking": tracker is not None, "measured_from": round(end - span, 3), "measured_until": round(end, 3),
+            "saved": saved, "saved_measured_seconds": round(saved_span, 3),
+            "savers": sorted(savers) if savers is not None else None}
+
+
+def _saved_rows(stats: Any, window: float) -> tuple[list[dict[str, Any]], float]:
+    from .savedcounts import saved_window
+
+    sw = saved_window(stats)
+    if sw is None:
+        return [], 0.0
+    counts, span = sw.window(window)
+    rows = [{"client": client, "command": cmd, "saver": saver, "count": n}
+            for (client, cmd, saver), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return rows, span
 
 
 def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
@@ -390,6 +469,12 @@ def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
         first = f if first is None else min(first, f)
         last = la if last is None else max(last, la)
     rows.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["pattern"]))
+    saved = []
+    for client, cmd, saver, n, f, la in (store.saved(win) if hasattr(store, "saved") else ()):
+        saved.append({"client": client, "command": cmd, "saver": saver, "count": n})
+        first = f if first is None else min(first, f)
+        last = la if last is None else max(last, la)
+    saved.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["saver"]))
     # the time the proxy ran today (not just from the first to the last command seen): idle time
     # counts, or a short burst would be projected as if it went on all day
     day_start = limits.bounds["daily"][0]
@@ -398,5 +483,7 @@ def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
             first = min(first, max(a, day_start))
             last = max(last, b)
     span = (last - first) if first is not None and last is not None else 0.0
+    # savers on: not known for a stopped proxy (None)
     return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "state",
-            "measured_from": first, "measured_until": last}
+            "measured_from": first, "measured_until": last, "saved": saved,
+            "saved_measured_seconds": round(max(span, 1.0), 1), "savers": None}

@@ -55,6 +55,7 @@ class Gate:
         on_upstream_auth_ok: Callable[[], None] | None = None,
         commands: CommandPolicy | None = None,
         handshake: Any = None,
+        savers: Any = None,
     ) -> None:
         self.verifier = verifier
         # proxy.handshake.HandshakeBook: sessions record the server's handshake replies into it
@@ -76,6 +77,11 @@ class Gate:
         # Names the session must hand to ``admit`` one by one, never forward on its fast path (a
         # Session takes them from its policy: proxy.paths.fast_sets).
         self.slow_names: frozenset[str] = commands.slow_names if commands else frozenset()
+        # proxy.savers.Savers: commands answered by the proxy itself (after authentication and
+        # the command policy, before caps: an answer given there costs no budget)
+        self.savers = savers if savers is not None and savers.enabled else None
+        if self.savers is not None:
+            self.slow_names = self.slow_names | self.savers.slow_names
 
     # -- Session policy protocol --------------------------------------------------------------
     def init_session(self, session: Session) -> None:
@@ -89,10 +95,14 @@ class Gate:
         session.up_refused = False  # ... and one of them was refused
         if self.limits is not None:
             self.limits.init_session(session)
+        if self.savers is not None:
+            self.savers.init_session(session)
 
     def fast_admit(self, session: Session, n: int) -> bool:
         # (denied names never reach the fast path: the session leaves slow_names out of it)
         if not (session.up_ready and session.authed):
+            return False
+        if self.savers is not None and self.savers.busy(session):
             return False
         return self.limits is None or self.limits.fast_admit(session, n)
 
@@ -146,6 +156,10 @@ class Gate:
             for c in handshake:
                 session.send_internal(c, lambda error, data: self._handshake_reply(session, error, data))
             return Admission.WAIT, None, ""
+        if self.savers is not None and not merge_into_hello:
+            verdict = self.savers.admit(session, args, name)
+            if verdict is not None:
+                return verdict
         if self.limits is not None:
             verdict = self.limits.admit(session, args, info, name, 0)
             if verdict is not None:

@@ -69,6 +69,10 @@ class HandshakeBook:
         elif len(self.replies) < MAX_RECORDED:
             self.replies.setdefault(self._key(args), reply)
 
+    def recorded(self, args: list[bytes]) -> bytes | None:
+        """The server's first reply to exactly this CLIENT SETINFO/MAINT_NOTIFICATIONS, if seen."""
+        return self.replies.get(self._key(args))
+
     @staticmethod
     def _key(args: list[bytes]) -> tuple[bytes, ...]:
         return tuple(a.lower() for a in args[:2]) + tuple(args[2:])

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from .paths import BLOCKING, block_timeout
 from .resp import encode_command, encode_error
+from .savedcounts import saved_window
 from .session import Admission, Session
 
 log = logging.getLogger("respmeter.limits")
@@ -237,6 +238,17 @@ class Limits:
             p.tokens -= n
             p.spent += n
         return None
+
+    def take(self, client: str, n: int) -> bool:
+        """Budget for ``n`` commands the proxy sends for ``client`` on its own (proxy.pollhold,
+        proxy.control): False when a cap (or an unreadable state store) stops them."""
+        now = self.clock()
+        if now >= self.next_reset:
+            self._rollover(now)
+        pools = self.pools_for(client)
+        if not pools:
+            return True
+        return self._take_recorded(pools, n) is None
 
     def refund(self, client: str, n: int) -> None:
         for p in self.pools_for(client):
@@ -474,7 +486,13 @@ class Limits:
             for (client, cmd, pat), (n, first, last) in tracker.take_deltas().items():
                 for w in WINDOWS:
                     patterns.append((self.win_ids[w], client, cmd, pat, n, first, last))
-        self.store.flush(spent, counts, patterns, rel)
+        saved = []
+        sw = saved_window(self.stats)
+        if sw is not None:
+            for (client, cmd, saver), (n, first, last) in sw.take_deltas().items():
+                for w in WINDOWS:
+                    saved.append((self.win_ids[w], client, cmd, saver, n, first, last))
+        self.store.flush(spent, counts, patterns, rel, saved)
         if release:
             for p in self._pools.values():
                 p.reserved -= p.tokens

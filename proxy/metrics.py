@@ -124,6 +124,8 @@ class Stats:
         self.labels = LabelSet(client_label_limit)
         self.commands: dict[tuple[str, str, str], int] = {}  # (client, command, outcome)
         self.upstream: dict[tuple[str, str], int] = {}  # (client, command): billable
+        # (client, command, saver): commands a saver (proxy.savers) answered instead of the upstream
+        self.saved: dict[tuple[str, str, str], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.bytes = {"from_client": 0, "to_client": 0, "to_upstream": 0, "from_upstream": 0}
         self.client_connections = 0
@@ -144,6 +146,7 @@ class Stats:
         # connection got its first RESP reply (proxy.health keeps them)
         self.on_upstream_broken: Callable[[str], None] | None = None
         self.on_upstream_reply: Callable[[], None] | None = None
+        self.last_reply_at = 0.0  # when an upstream connection last sent anything (session clock)
 
     # -- hot path helpers ---------------------------------------------------------------
     def count_command(self, client: str, command: str, outcome: str, n: int = 1) -> None:
@@ -153,6 +156,13 @@ class Stats:
             self.rejections[reason] = self.rejections.get(reason, 0) + n
         key = (client, command, outcome)
         d = self.commands
+        d[key] = d.get(key, 0) + n
+
+    def count_saved(self, client: str, command: str, saver: str, n: int = 1) -> None:
+        """A command answered by a saver: outcome ``local``, and the saving by saver."""
+        self.count_command(client, command, "local", n)
+        key = (client, command, saver)
+        d = self.saved
         d[key] = d.get(key, 0) + n
 
     def count_upstream(self, client: str, command: str, n: int = 1) -> None:
@@ -208,6 +218,17 @@ class StatsCollector(Collector):
         for (client, cmd), n in sorted(s.upstream.items()):
             u.add_metric((client, cmd), n)
         yield u
+
+        sv = CounterMetricFamily(
+            "respmeter_saved_commands",
+            "Commands a saver (--savers) answered in the proxy instead of sending them upstream, by "
+            "client identity, command and saver (poll, events, ping, handshake, sweeps); each is also "
+            "counted in respmeter_commands_total with outcome local.",
+            labels=("client", "command", "saver"),
+        )
+        for (client, cmd, saver), n in sorted(getattr(s, "saved", {}).items()):
+            sv.add_metric((client, cmd, saver), n)
+        yield sv
 
         h = HistogramMetricFamily(
             "respmeter_command_duration_seconds",

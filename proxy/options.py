@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .commandpolicy import deny_spec
+from .saverconfig import DEFAULT_CHANNELS, savers_type
 
 ENV_PREFIX = "RESPMETER_"
 
@@ -180,6 +181,18 @@ RUN_OPTIONS: list[Option] = [
     Option("--rate-limit", [], "a rate limit: name=N,rate=10/s[,burst=B][,client=GLOB][,command=GLOB]"
            "[,action=delay|reject][,max_queue=N]; repeatable (env: separated by ';')", multiple=True,
            metavar="SPEC", sep=";"),
+    # savers (proxy.savers): commands answered by the proxy itself; none unless asked for
+    Option("--savers", "", "savers to run: the preset 'celery' (poll,events,ping,handshake,sweeps), or a "
+           "comma-separated list of poll, events, ping, handshake, sweeps; '' or none: fully transparent "
+           "(see README: Savers)", type=savers_type, metavar="LIST"),
+    Option("--saver-hold", 300.0, "poll saver: upstream timeout of the one blocking pop held for a client's "
+           "short ones", type=_positive_float, metavar="SECONDS"),
+    Option("--saver-recheck", 60.0, "events saver: a watched PUBLISH goes upstream at least this often",
+           type=_positive_float, metavar="SECONDS"),
+    Option("--saver-channels", list(DEFAULT_CHANNELS), "events saver: globs of the channels whose PUBLISH it "
+           "may answer; repeatable", type=str, multiple=True, metavar="GLOB"),
+    Option("--saver-sweep-every", 600.0, "sweeps saver: kombu's binding sweep goes upstream at most this "
+           "often", type=_positive_float, metavar="SECONDS"),
     Option("--track-patterns", True, "count commands per key pattern (for respmeter report)", type=_bool,
            metavar="BOOL"),
     Option("--pattern-limit", 1000, "distinct key patterns kept; the rest count as 'other'", type=_positive_int,

@@ -141,10 +141,11 @@ class PatternTracker:
     COARSE_SECONDS = 60.0  # then buckets of at most a minute...
     KEEP_SECONDS = 86400.0 + 60.0  # ...for a day
 
-    def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.time, started: float | None = None) -> None:
         self.limit = limit
         self.clock = clock
-        self._started = clock()
+        # ``started``: when counting began, if before now (proxy.savedcounts aligns with the key patterns)
+        self._started = clock() if started is None else started
         self.cur: dict[tuple[str, str, str], int] = {}  # since the last tick
         self.fast: dict[bytes, str] = {}  # raw first key -> pattern (already bounded)
         self._known: set[str] = set()

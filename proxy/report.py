@@ -110,6 +110,7 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
     lines.append(f"Upstash free tier ({free:,}/month): this rate uses {100 * t['upstash_free_share']:.0f}% of it"
                  + hit_text)
     lines.append("")
+    lines += format_saved(rep.get("saved"), limit)
     if rep["sources"]:
         lines.append("Where it comes from:")
         for s in rep["sources"]:
@@ -133,6 +134,10 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
             for n in s["notes"]:
                 lines.append(f"    note: {n}")
         lines.append("")
+    hint = (rep.get("saved") or {}).get("hint")
+    if hint:
+        lines.append(f"Hint: {hint}")
+        lines.append("")
     if rep.get("ineffective_settings"):
         lines.append("Settings that do nothing for Redis traffic:")
         for x in rep["ineffective_settings"]:
@@ -148,6 +153,35 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
     if len(rep["rows"]) > limit:
         lines.append(f"... {len(rep['rows']) - limit} more rows (--rows N, or --json)")
     return "\n".join(lines) + "\n"
+
+
+def format_saved(saved: dict[str, Any] | None, limit: int = 25) -> list[str]:
+    """The saved section: what savers answered in the proxy over the window (nothing at all when no
+    saver is on and nothing was saved; one line when savers are on but saved nothing)."""
+    if not saved:
+        return []
+    on = saved.get("savers")
+    over = _dur(saved["measured_seconds"])
+    if not saved["count"]:
+        return [f"Savers on ({', '.join(on)}): nothing saved over {over}.", ""] if on else []
+    lines = [
+        "Saved by the proxy" + (f" (savers on: {', '.join(on)})" if on else "")
+        + ": answered locally, never sent upstream",
+        f"  {saved['count']:,} commands over {over}: at this rate {saved['per_day']:,}/day, "
+        f"~{saved['per_month']:,}/month; {100 * saved['share']:.0f}% of what would have gone upstream",
+    ]
+    clients = len({r["client"] for r in saved["rows"]}) > 1
+    lines.append((f"  {'/day':>10} {'count':>9}  {'saver':<10} {'command':<28}" + (" client" if clients else "")).rstrip())
+    for r in saved["rows"][:limit]:
+        line = f"  {r['per_day']:>10,} {r['count']:>9,}  {r['saver']:<10} {r['command']:<28}"
+        lines.append((line + (f" {r['client']}" if clients else "")).rstrip())
+    if len(saved["rows"]) > limit:
+        lines.append(f"  ... {len(saved['rows']) - limit} more rows (--rows N, or --json)")
+    if len(saved["by_saver"]) > 1:
+        lines.append("  by saver: " + ", ".join(f"{b['saver']} {b['per_day']:,}/day" for b in saved["by_saver"]))
+    lines.append("The totals above and everything below are what is left: the commands that still go upstream.")
+    lines.append("")
+    return lines
 
 
 def _dur(seconds: Any) -> str:

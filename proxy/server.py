@@ -203,6 +203,7 @@ class ClientConnection(asyncio.Protocol):
         proxy.stats.connections_total += 1
         proxy.connections.add(self)
         self.session.wake = self._check_backlog
+        self.session.client_buffered = transport.get_write_buffer_size
         if s.lazy_upstream and not self.session.authed:
             self.session.request_upstream = self._start_connect
         else:
@@ -292,8 +293,8 @@ class ClientConnection(asyncio.Protocol):
             self.connect_task.cancel()
         if self.session is not None and not self.session.closed:
             self.session.client_closed()
-        if self.upstream is not None:
-            self.upstream.close()
+        if self.upstream is not None and not self.session.lingering:
+            self.upstream.close()  # (a lingering session closes it once its business there is done)
 
     def pause_writing(self) -> None:  # the client is slow to read replies
         self.up_paused |= P_CLIENT_FULL

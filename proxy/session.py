@@ -49,6 +49,10 @@ from .resp import (
 )
 from .streaming import StreamedRequest
 
+# pub/sub messages the proxy delivers itself that a client may leave unread (Redis's own
+# client-output-buffer-limit for pub/sub clients: 32mb hard)
+PUSH_LIMIT = 32 * 1024 * 1024
+
 # Pending entry kinds
 UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
@@ -77,6 +81,8 @@ class Pending:
         "on_reply",
         "deadline",
         "capture",
+        "relay",
+        "relaying",
     )
 
     def __init__(self, name: str, client: str, kind: int, t0: float, args: list[bytes] | None) -> None:
@@ -93,6 +99,8 @@ class Pending:
         self.on_reply: Callable[[bool, bytes], None] | None = None
         self.deadline: float | None = None  # a blocking command: its own timeout runs out then
         self.capture: list[bytes] | None = None  # its reply is recorded (proxy.handshake): its args
+        self.relay: Callable[[], bool] | None = None  # INTERNAL: may its reply go to the client?
+        self.relaying = False  # ... it does (and its callback gets no bytes)
 
 
 class Admission:
@@ -104,6 +112,8 @@ class Admission:
     REPLACE = -1  # forward ``payload`` instead of the command's bytes
     PREFIX = -2  # write ``payload`` (the proxy's own commands, see push_internal) before the command
     INJECT_REPLY = -3  # payload = (bytes for upstream instead of the command, local reply, outcome)
+    PARK = 3  # the policy took the command and answers it later (Session.late_reply; proxy.pollhold)
+    WATCH = 4  # forward it, and call ``payload(error, reply bytes)`` with its reply (proxy.events)
 
 
 class Session:
@@ -160,7 +170,7 @@ class Session:
         self.waiting_bytes = 0  # request bytes queued in ``waiting`` (reset when it empties)
         self.queued = 0  # commands the tuple entries of ``pending`` stand for
         self.n_special = 0  # LOCAL and INTERNAL entries in ``pending``
-        self.internal_buf = b""
+        self.internal_buf = bytearray()  # the reply of the INTERNAL (or captured) entry at the head
         # identity
         self.user: str | None = None  # authenticated proxy user (set by the policy layer)
         self.name: bytes | None = None  # CLIENT SETNAME / HELLO SETNAME
@@ -210,6 +220,18 @@ class Session:
         self.got_reply = False  # the upstream has sent RESP on this connection
         self.last_reply_at = 0.0  # when it last sent anything (for stall detection)
         self._err_tail = b""  # start of an error reply split across reads
+        # pub/sub state kept exactly, for proxy.events (None: not tracked): channels and patterns
+        # this connection is subscribed to, as the server confirmed them
+        self.sub_names: dict[bytes, set[bytes]] | None = None
+        self.subs_unknown = False  # subscribed inside MULTI: not tracked exactly
+        self.on_subs: Callable[[Session], None] | None = None  # told when sub_names changed
+        self.push_buf = b""  # pub/sub messages of the proxy's own waiting for a frame boundary
+        self.client_buffered: Callable[[], int] | None = None  # bytes the client has yet to read
+        # set by a policy that must see the end: True keeps the upstream connection open after
+        # the client went (until what is pending there is answered; proxy.pollhold)
+        self.on_client_gone: Callable[[Session], bool] | None = None
+        self.lingering = False  # the client went; the upstream connection stays until it is done
+        self.parked = False  # a blocking command of the client is answered by the policy (PARK)
         if policy is not None:
             policy.init_session(self)
 
@@ -266,12 +288,15 @@ class Session:
             self._write_upstream(b"".join(out))
         self._dispatch()
 
-    def push_internal(self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None) -> bytes:
-        """Queue a command the proxy sends on its own behalf (counted under client ``respmeter``);
-        returns its bytes, which the caller writes upstream in order (Admission.PREFIX)."""
+    def push_internal(
+        self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None, client: str = PROXY_CLIENT
+    ) -> bytes:
+        """Queue a command the proxy sends on its own behalf (counted under client ``respmeter``, or
+        ``client`` when it stands for a client's own command); returns its bytes, which the caller
+        writes upstream in order (Admission.PREFIX). Its Pending entry is ``pending[-1]`` then."""
         info = cmdtable.lookup(args)
         name = info.name if info is not None else cmdtable.UNKNOWN
-        e = Pending(name, PROXY_CLIENT, INTERNAL, self.clock(), None)
+        e = Pending(name, client, INTERNAL, self.clock(), None)
         e.on_reply = on_reply
         if name in SPECIAL:
             e.args = args
@@ -279,12 +304,45 @@ class Session:
                 self.multi_view = False
         self.pending.append(e)
         self.n_special += 1
-        self.stats.count_upstream(PROXY_CLIENT, name)
+        self.stats.count_upstream(client, name)
         return encode_command(args)
 
-    def send_internal(self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None) -> None:
-        """Send a command on the proxy's own behalf now (see push_internal)."""
-        self._write_upstream(self.push_internal(args, on_reply))
+    def send_internal(
+        self, args: list[bytes], on_reply: Callable[[bool, bytes], None] | None, client: str = PROXY_CLIENT
+    ) -> Pending:
+        """Send a command on the proxy's own behalf now (see push_internal); its Pending entry."""
+        data = self.push_internal(args, on_reply, client)
+        e = self.pending[-1]
+        self._write_upstream(data)
+        return e
+
+    def late_reply(self, reply: bytes) -> None:
+        """The reply to a command the policy parked (Admission.PARK): nothing the client sees is
+        pending before it (proxy.pollhold parks only then), so it goes now; then what waited goes."""
+        self._write_client(reply)
+        self.resume()
+
+    def push_local(self, frame: bytes) -> None:
+        """A pub/sub message the proxy delivers itself (proxy.events), at the next frame boundary of
+        what the upstream sends this client. A client that lets more than PUSH_LIMIT of them pile
+        up is closed, as Redis closes a pub/sub client past its output buffer limit."""
+        if self.closed or self.lingering:
+            return
+        self.stats.pushes += 1
+        if self.framer.in_frame or self.push_buf:
+            self.push_buf += frame
+        else:
+            self._write_client(frame)
+        buffered = len(self.push_buf) + (self.client_buffered() if self.client_buffered is not None else 0)
+        if buffered > PUSH_LIMIT:
+            self.push_buf = b""
+            self.lingering = True  # nothing more is written to it
+            self._abandon()
+            self._ended()
+            self.closed = True
+            if self._close_upstream is not None:
+                self._close_upstream()
+            self._close_client()
 
     def upstream_failed(self, reason: str) -> None:
         """The upstream connection could not be made (or broke before its first reply): every command
@@ -405,6 +463,10 @@ class Session:
         the replies before it sees the end: answer what was sent, then close (True). A blocked
         command (or a subscription) is abandoned at the end, as Redis frees such a client: False,
         close now."""
+        if self.parked:
+            return False
+        if not self.waiting and all(type(e) is not tuple and e.kind == INTERNAL for e in self.pending):
+            return False  # nothing is owed to the client (only the proxy's own commands are in flight)
         for e in self.pending:
             if not (e[3] if type(e) is tuple else (e.timed or e.kind != UPSTREAM)):
                 return False
@@ -413,7 +475,17 @@ class Session:
         return not self.closed
 
     def client_closed(self) -> None:
-        """The client went away: its upstream connection is closed at once."""
+        """The client went away: its upstream connection is closed at once, unless the policy has
+        business left on it (proxy.pollhold: an item to give back); then it closes once that is
+        done (see :meth:`lingers`)."""
+        if self.on_client_gone is not None and not self.closed and self.on_client_gone(self):
+            self.lingering = True
+            self.closing = True
+            self.held = False
+            self.waiting.clear()
+            self.push_buf = b""
+            self._maybe_close()
+            return
         self._ended()
         self.closed = True
         if self._close_upstream is not None:
@@ -656,12 +728,14 @@ class Session:
         name = info.name if info is not None else cmdtable.UNKNOWN
         client = self.client
         replaced = None
+        watch = None
         if self.policy is not None:
             kind, payload, outcome = self.policy.admit(self, args, info, name)
             if kind == Admission.WAIT:
                 return Admission.WAIT, None
             if kind == Admission.REPLY:
-                self.stats.count_command(client, name, outcome)
+                if outcome:  # (empty: the policy counted it, proxy.savers)
+                    self.stats.count_command(client, name, outcome)
                 self._answer(payload, name, client)
                 if self.close_after_reply:
                     self.closing = True
@@ -673,7 +747,11 @@ class Session:
                 self.stats.count_command(client, name, outcome)
                 self._answer(reply, name, client)
                 return Admission.REPLACE, upstream_bytes
-            if kind != Admission.FORWARD:
+            if kind == Admission.PARK:
+                return Admission.REPLY, None
+            if kind == Admission.WATCH:
+                watch = payload
+            elif kind != Admission.FORWARD:
                 replaced = (kind, payload)
             client = self.client  # the policy may have changed the identity (AUTH)
         tracker = self.stats.patterns
@@ -683,6 +761,8 @@ class Session:
         blocking = name in BLOCKING_NAMES
         book = self.book
         capture = book is not None and name in RECORDED and not self.multi_view and book.wants(name, args)
+        if watch is not None:
+            capture = True
         if not (silent or self.multi_view or blocking or capture or name in SPECIAL):
             # the common case: a plain entry
             self.stats.count_upstream(client, name)
@@ -704,6 +784,7 @@ class Session:
             e.deadline = now + timeout if timeout else None
         if capture:
             e.capture = args  # its reply bytes are kept (internal_buf) and recorded
+            e.on_reply = watch
             self.n_special += 1
         if silent and not (name == "client|reply" and e.expect == 1):
             e.expect = 0
@@ -719,6 +800,10 @@ class Session:
         e.timed = name not in UNTIMED
         if name in SUBSCRIBE_CMDS:
             e.expect = None  # decided when it reaches the head (MULTI or not, how many channels)
+            if self.multi_view:
+                self.subs_unknown = True
+                if self.on_subs is not None:
+                    self.on_subs(self)
         elif name == "multi":
             self.multi_view = True
         elif name in ("exec", "discard", "reset"):
@@ -806,6 +891,7 @@ class Session:
             return
         now = self.clock()
         self.last_reply_at = now
+        self.stats.last_reply_at = now
         if not self.got_reply:
             self.got_reply = True  # the first RESP from this connection: the upstream speaks it
             if self.stats.on_upstream_reply is not None:
@@ -813,7 +899,12 @@ class Session:
         errors = False
         if self.n_special == 0 and not self.internal_buf:
             # Fast path: every byte goes to the client as it came.
-            self._write_client(data)
+            if self.push_buf and frames:  # the proxy's own pub/sub messages go at a boundary
+                cut = frames[-1][0]
+                self._write_client(data[:cut] + self.push_buf + data[cut:])
+                self.push_buf = b""
+            else:
+                self._write_client(data)
             pending = self.pending
             stats = self.stats
             counts = stats.commands
@@ -899,7 +990,7 @@ class Session:
                 seg = data[start : fr[0]]
                 start = fr[0]
                 if internal:
-                    self.internal_buf += seg
+                    self._internal_seg(head, seg, out)
                 else:
                     out.append(seg)
                     if fr[1] == KIND_ERROR:
@@ -913,10 +1004,13 @@ class Session:
                     out.append(data[start:])
                     start = len(data)
                     break
+            if self.push_buf and frames:
+                out.append(self.push_buf)
+                self.push_buf = b""
             if start < len(data):
                 head = self.pending[0] if self.pending else None
                 if type(head) is Pending and head.kind == INTERNAL:
-                    self.internal_buf += data[start:]
+                    self._internal_seg(head, data[start:], out)
                 else:
                     out.append(data[start:])
                     if type(head) is Pending and head.capture is not None:
@@ -930,6 +1024,9 @@ class Session:
             tail = frames[-1][0] if frames else (len(data) if was_in_frame else 0)
             if tail < len(data) and data[tail] == 45:  # '-'
                 self._scan_errors(data, frames, was_in_frame)
+        if self.push_buf and not self.framer.in_frame:
+            buf, self.push_buf = self.push_buf, b""
+            self._write_client(buf)
         self._maybe_close()
 
     def _scan_errors(self, data: bytes, frames: list, was_in_frame: bool) -> None:
@@ -1052,6 +1149,8 @@ class Session:
     def _confirmation(self, h: Pending, fr: Any, now: float) -> None:
         kind = fr[2].lower()
         num = fr[3]
+        if self.sub_names is not None:
+            self._track_sub(h, kind)
         if num is not None:
             if kind in (b"subscribe", b"unsubscribe"):
                 self.channels = max(0, num - self.patterns)
@@ -1064,14 +1163,36 @@ class Session:
             self.pending.popleft()
             self._complete(h, False, now)
 
+    def _track_sub(self, h: Pending, kind: bytes) -> None:
+        """Keep the exact channel and pattern names (proxy.events): the n-th confirmation of a
+        (P)(UN)SUBSCRIBE is for its n-th argument; one without arguments drops them all."""
+        names = (h.args or [])[1:]
+        group = b"pattern" if kind[0:1] == b"p" else b"shard" if kind in (b"ssubscribe", b"sunsubscribe") else b"channel"
+        subs = self.sub_names
+        assert subs is not None
+        held = subs.setdefault(group, set())
+        if not names:
+            held.clear()
+        else:
+            i = len(names) - (h.expect or 1)
+            if 0 <= i < len(names):
+                if kind.endswith(b"unsubscribe"):
+                    held.discard(names[i])
+                else:
+                    held.add(names[i])
+        if self.on_subs is not None:
+            self.on_subs(self)
+
     def _subscribed(self) -> bool:
         return bool(self.channels or self.patterns or self.shard_channels)
 
     def _complete(self, e: Pending, error: bool, now: float, kind: int = 0) -> None:
         if e.capture is not None:
             self.n_special -= 1
-            data, self.internal_buf = self.internal_buf, b""
-            if self.book is not None:
+            data, self.internal_buf = bytes(self.internal_buf), bytearray()
+            if e.on_reply is not None:
+                e.on_reply(error, data)
+            elif self.book is not None:
                 args = e.capture
                 proto = int(args[1]) if e.name == "hello" and len(args) > 1 and args[1] in (b"2", b"3") else self.protocol
                 self.book.record(e.name, args, data, error, proto)
@@ -1119,6 +1240,11 @@ class Session:
             self.name = None
             self.client = self._compute_label()
             self.channels = self.patterns = self.shard_channels = 0
+            if self.sub_names is not None:
+                self.sub_names.clear()
+                self.subs_unknown = False
+                if self.on_subs is not None:
+                    self.on_subs(self)
             self.tx_queued.clear()
             self.tx_name = None
             self.in_multi = False
@@ -1137,8 +1263,20 @@ class Session:
         elif name == "quit":
             self.closing = True
 
+    def _internal_seg(self, head: Pending, seg: bytes, out: list[bytes]) -> None:
+        """Bytes of the proxy's own command's reply: kept for its callback, or, for a reply its
+        ``relay`` hook claims as it starts (an array: proxy.pollhold's item for a waiting client),
+        passed to the client as they come, never held whole."""
+        if head.relay is not None and not self.internal_buf and seg[:2] == b"*2":
+            relay, head.relay = head.relay, None
+            head.relaying = relay()
+        if head.relaying:
+            out.append(seg)
+        else:
+            self.internal_buf += seg
+
     def _complete_internal(self, e: Pending, error: bool) -> None:
-        data, self.internal_buf = self.internal_buf, b""
+        data, self.internal_buf = bytes(self.internal_buf), bytearray()
         if e.args is not None:
             self._special_reply(e, error, KIND_ERROR if error else 0)
         if e.on_reply is not None:
@@ -1163,7 +1301,7 @@ class Session:
             self._send_upstream(data)
 
     def _write_client(self, data: bytes) -> None:
-        if data and not self.closed:
+        if data and not self.closed and not self.lingering:
             self.stats.bytes["to_client"] += len(data)
             self._send_client(data)
 

@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS patterns (
     n INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL,
     PRIMARY KEY (win, client, command, pattern)
 );
+-- commands savers answered instead of the upstream (proxy.savedcounts), for reports
+CREATE TABLE IF NOT EXISTS saved (
+    win TEXT NOT NULL, client TEXT NOT NULL, command TEXT NOT NULL, saver TEXT NOT NULL,
+    n INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL,
+    PRIMARY KEY (win, client, command, saver)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -105,9 +111,11 @@ class Store:
         counts: Iterable[tuple[str, str, str, int]] = (),
         patterns: Iterable[tuple[str, str, str, str, int, float, float]] = (),
         release: Iterable[tuple[str, str, int]] = (),
+        saved: Iterable[tuple[str, str, str, str, int, float, float]] = (),
     ) -> None:
         """Record what this process spent (absolute, per lease), count deltas, pattern deltas,
-        and give back unspent budget (``release``: win, scope, amount)."""
+        and give back unspent budget (``release``: win, scope, amount); ``saved``: deltas of the
+        commands savers answered (win, client, command, saver, n, first, last)."""
         now = self.clock()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -137,6 +145,12 @@ class Store:
                 "ON CONFLICT(win, client, command, pattern) DO UPDATE SET n = n + excluded.n, "
                 "first = MIN(first, excluded.first), last = MAX(last, excluded.last)",
                 list(patterns),
+            )
+            db.executemany(
+                "INSERT INTO saved (win, client, command, saver, n, first, last) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(win, client, command, saver) DO UPDATE SET n = n + excluded.n, "
+                "first = MIN(first, excluded.first), last = MAX(last, excluded.last)",
+                list(saved),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -185,6 +199,12 @@ class Store:
     def patterns(self, win: str) -> list[tuple[str, str, str, int, float, float]]:
         return list(
             self.db.execute("SELECT client, command, pattern, n, first, last FROM patterns WHERE win=?", (win,))
+        )
+
+    def saved(self, win: str) -> list[tuple[str, str, str, int, float, float]]:
+        """(client, command, saver, n, first, last) of the commands savers answered in a window."""
+        return list(
+            self.db.execute("SELECT client, command, saver, n, first, last FROM saved WHERE win=?", (win,))
         )
 
     def alive_spans(self) -> list[tuple[float, float]]:

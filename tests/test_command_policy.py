@@ -146,8 +146,8 @@ def test_config_file_problems_have_their_line(tmp_path: Path) -> None:
         allow = ["acl|whoami"]
         """))
     problems = load_config(str(f)).problems
-    assert f"{f}:2: proxy.deny_commands: unknown option (caps, rate limits and the command policy have their " \
-           "own sections)" in problems
+    assert f"{f}:2: proxy.deny_commands: unknown option (caps, rate limits, the command policy and savers " \
+           "have their own sections)" in problems
     assert f"{f}:7: commands.deny[1]: 'confgi': unknown command" in problems
     assert f"{f}:9: commands.allow: unknown key (expected one of: deny)" in problems
     f.write_text('[commands]\ndeny = "config"\n')

@@ -936,6 +936,7 @@ def _traffic(a1: support.ProxyProcess, a2: support.ProxyProcess, down: support.P
             lambda: worker.incr("obs:counter"),
             lambda: worker.hset("obs:h", f"f{rounds}", rounds),  # 20/s rate limit, action=delay
             lambda: worker.lrange("obs:list", 0, -1),
+            lambda: worker.ping(),  # answered by a2's ping saver (the upstream just replied)
             lambda: lost.ping(),  # upstream down
         ]
         if rounds == 0:
@@ -979,7 +980,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         ]
         proxies: dict[str, support.ProxyProcess] = {}
         for name in ("a1", "a2"):
-            p = support.ProxyProcess(redis_server, capped, workdir=tmp_path_factory.mktemp(f"obs-{name}"),
+            # a2 answers PING itself (--savers ping): respmeter_saved_commands_total has data
+            extra = ["--savers", "ping"] if name == "a2" else []
+            p = support.ProxyProcess(redis_server, capped + extra, workdir=tmp_path_factory.mktemp(f"obs-{name}"),
                                      log_level="info")
             started.append(p.start())
             proxies[name] = p

@@ -46,7 +46,7 @@ LONG, SHORT = 90, 60  # the two windows compared with the server's counts (s)
 SETTLE = 3.0  # after the workers are ready, before t0
 PLAIN = dict(lib_name=None, lib_version=None, protocol=2)
 TOP_KEYS = {"version", "generated_at", "window", "totals", "sources", "unrecognised", "rows", "ineffective_settings",
-            "evidence"}
+            "evidence", "saved"}
 NAMED_SOFTWARE = ("celery", "kombu", "redis-py")
 TASKS = 20
 # what kombu 5.7's Lua scripts call (binding refresh and sweep, lock release): counted by the server, not sent
