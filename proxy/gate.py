@@ -76,7 +76,8 @@ class Gate:
         self.commands = commands if commands else None
         # Names the session must hand to ``admit`` one by one, never forward on its fast path (a
         # Session takes them from its policy: proxy.paths.fast_sets).
-        self.slow_names: frozenset[str] = commands.slow_names if commands else frozenset()
+        self.denied_names: frozenset[str] = commands.slow_names if commands else frozenset()
+        self.slow_names = self.denied_names
         # proxy.savers.Savers: commands answered by the proxy itself (after authentication and
         # the command policy, before caps: an answer given there costs no budget)
         self.savers = savers if savers is not None and savers.enabled else None
@@ -115,7 +116,7 @@ class Gate:
             verdict = self._auth(session, args, name)
             if verdict is not None:
                 return verdict
-        if name in self.slow_names:
+        if name in self.denied_names:
             reply = self.commands.check(args, name)  # type: ignore[union-attr]
             if reply is not None:
                 if session.multi_view and name not in NOT_QUEUED:

@@ -147,6 +147,7 @@ class Stats:
         self.on_upstream_broken: Callable[[str], None] | None = None
         self.on_upstream_reply: Callable[[], None] | None = None
         self.last_reply_at = 0.0  # when an upstream connection last sent anything (session clock)
+        self.saver_item_held_max = 0.0  # proxy.pollhold: the longest an item stayed in the proxy
 
     # -- hot path helpers ---------------------------------------------------------------
     def count_command(self, client: str, command: str, outcome: str, n: int = 1) -> None:
@@ -229,6 +230,12 @@ class StatsCollector(Collector):
         for (client, cmd, saver), n in sorted(getattr(s, "saved", {}).items()):
             sv.add_metric((client, cmd, saver), n)
         yield sv
+        yield GaugeMetricFamily(
+            "respmeter_saver_item_held_seconds_max",
+            "poll saver: the longest an item popped upstream stayed in the proxy before it reached a "
+            "client or went back to its list (the window in which a kill -9 of the proxy could lose it).",
+            value=s.saver_item_held_max,
+        )
 
         h = HistogramMetricFamily(
             "respmeter_command_duration_seconds",

@@ -35,7 +35,6 @@ from typing import Any
 
 import hiredis
 
-from .metrics import PROXY_CLIENT
 from .session import Admission
 
 log = logging.getLogger("respmeter.savers")
@@ -116,6 +115,7 @@ class PollSaver:
         budget: Any = None,
     ) -> None:
         self.hold_seconds = config.hold
+        self.hold_arg = ("%g" % config.hold).encode()  # (Redis takes a decimal timeout)
         self.keep = config.keep
         self.stats = stats
         self.call_later = call_later
@@ -124,7 +124,6 @@ class PollSaver:
         self.sessions: set[Any] = set()  # sessions with a hold, a parked pop or a kept item
         self.stopping = False
         self.disabled = control is None or call_later is None
-        self.held_max = 0.0  # longest an item stayed in the proxy (seconds)
         self.control_ok = False  # the control connection has shown it may CLIENT UNBLOCK
         self.probing = False
         self.probe_after = 0.0
@@ -225,7 +224,7 @@ class PollSaver:
         h = Hold(name, keys, client)
         st.hold = h
         h.entry = s.send_internal(
-            [name.upper().encode(), *keys, b"%d" % int(self.hold_seconds)],
+            [name.upper().encode(), *keys, self.hold_arg],
             lambda error, data: self._hold_reply(s, h, error, data),
             client,
         )
@@ -375,7 +374,7 @@ class PollSaver:
         h2 = Hold(h.name, h.keys, h.client)
         st.hold = h2
         h2.entry = s.send_internal(
-            [h.name.upper().encode(), *h.keys, b"%d" % int(self.hold_seconds)],
+            [h.name.upper().encode(), *h.keys, self.hold_arg],
             lambda error, data: self._hold_reply(s, h2, error, data),
             h.client,
         )
@@ -420,7 +419,9 @@ class PollSaver:
     def _done_with_item(self, s: Any, k: Kept) -> None:
         """The item leaves the proxy (to the client, or back upstream): how long it was only here is
         the window a kill -9 could lose it in (respmeter_saver_item_held_seconds_max)."""
-        self.held_max = max(self.held_max, s.clock() - k.at)
+        held = s.clock() - k.at
+        if held > self.stats.saver_item_held_max:
+            self.stats.saver_item_held_max = held
 
     def _finish(self, s: Any) -> None:
         """Give back the budget the hold did not use, once nothing is left in flight."""
@@ -500,5 +501,3 @@ class PollSaver:
         if timer is not None:
             timer.cancel()
 
-
-__all__ = ["PollSaver", "parse_pop", "PROXY_CLIENT"]

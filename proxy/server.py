@@ -261,7 +261,11 @@ class ClientConnection(asyncio.Protocol):
                 set_keepalive(sock, *s.keepalive)
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
         handshake = s.handshake(self.session) if s.handshake else ()
-        self.session.upstream_connected(transport.write, transport.close, handshake)  # type: ignore[attr-defined]
+        try:
+            self.session.upstream_connected(transport.write, transport.close, handshake)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
+            self.internal_error()
+            return
         if self.up_paused:
             transport.pause_reading()  # type: ignore[attr-defined]
         self._check_backlog()
@@ -270,7 +274,11 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         if session is None:
             return
-        session.client_data(data)
+        try:
+            session.client_data(data)
+        except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
+            self.internal_error()
+            return
         if session.backlog > MAX_BACKLOG:
             self.pause(P_BACKLOG)
 
@@ -332,6 +340,16 @@ class ClientConnection(asyncio.Protocol):
         if self.paused & P_BACKLOG and self.session is not None and self.session.backlog < MAX_BACKLOG // 2:
             self.resume(P_BACKLOG)
 
+    def internal_error(self) -> None:
+        """A bug in the proxy while handling this client: logged with its traceback, and this client
+        is closed (its commands in flight are lost, as on a dropped connection); the others go on."""
+        peer = self.session.peer if self.session is not None else "?"
+        log.exception("internal error handling client %s: closing its connection", peer)
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                self.session.upstream_lost("internal error")
+        self._close_client()
+
     def _close_client(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -351,7 +369,11 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         c = self.client
         if c.session is not None:
-            c.session.upstream_data(data)
+            try:
+                c.session.upstream_data(data)
+            except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
+                c.internal_error()
+                return
             if c.paused & P_BACKLOG:
                 c._check_backlog()
 

@@ -339,3 +339,62 @@ def test_huge_multibulk_count_does_not_stall_the_proxy(redis_server, proxy_facto
     for _ in range(5):
         assert good.ping() is True
         proxy.metrics_text(timeout=2)
+
+
+def test_a_bug_closes_only_that_client_and_is_logged(redis_factory, caplog):
+    """An exception inside the proxy while it handles one client (a bug) is logged with its
+    traceback and closes that client at once, instead of leaving it waiting for ever; other clients
+    are served as before."""
+    import asyncio
+
+    from proxy.config import parse_listen, parse_upstream
+    from proxy.health import Health
+    from proxy.metrics import Stats
+    from proxy.server import Proxy, ProxySettings
+
+    server = redis_factory()
+
+    class Buggy:
+        slow_names = frozenset({"echo"})
+
+        def init_session(self, session):
+            pass
+
+        def fast_admit(self, session, n):
+            return True
+
+        def fast_refund(self, session, n):
+            pass
+
+        def admit(self, session, args, info, name):
+            if args[1:] == [b"boom"]:
+                raise RuntimeError("a bug")
+            return (0, None, "")
+
+    async def main():
+        settings = ProxySettings(parse_upstream(server.url), policy=Buggy())
+        port = support.free_port()
+        stats = Stats()
+        proxy = Proxy(settings, [parse_listen(f"127.0.0.1:{port}")], stats, Health(lambda: None))
+        await proxy.start()
+        try:
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w2.write(b"*2\r\n$4\r\nECHO\r\n$2\r\nok\r\n")
+            assert await asyncio.wait_for(r2.readline(), 5) == b"$2\r\n"
+            await r2.readline()
+            w1.write(b"*2\r\n$4\r\nECHO\r\n$4\r\nboom\r\n")
+            assert await asyncio.wait_for(r1.read(), 3) == b""  # closed, not left hanging
+            # the same as the very first command, looked at once the upstream connection is up
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(b"*2\r\n$4\r\nECHO\r\n$4\r\nboom\r\n")
+            assert await asyncio.wait_for(r3.read(), 3) == b""
+            w2.write(b"*2\r\n$4\r\nECHO\r\n$2\r\nok\r\n")  # the other client goes on
+            assert await asyncio.wait_for(r2.readline(), 5) == b"$2\r\n"
+            w2.close()
+        finally:
+            await proxy.shutdown(1.0)
+
+    with caplog.at_level("ERROR", logger="respmeter"):
+        asyncio.run(main())
+    assert any("internal error handling client" in r.getMessage() and r.exc_info for r in caplog.records)

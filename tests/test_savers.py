@@ -367,3 +367,15 @@ def test_sweep_loaded_before_the_proxy_started_is_learnt_with_one_noscript(redis
     # NOSCRIPT (local), SCRIPT LOAD, one EVALSHA upstream, three saved; the other script ran
     assert delta.get("script|load") == 1 and delta.get("evalsha") == 2, delta
     assert _saved(proxy).get(("evalsha", "sweeps")) == 3
+
+
+def test_savers_with_an_empty_command_policy(redis_factory, proxy_factory):
+    """--deny-commands '' (nothing denied) with savers: the command policy is absent, the savers'
+    commands still reach them (a PING on a fresh connection once got no answer here)."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--deny-commands", "", "--savers", "celery"])
+    s = RespSocket(proxy.host, proxy.port)
+    assert s.call("PING") == b"PONG"
+    assert s.call("PING") == b"PONG"
+    assert s.call("CONFIG", "GET", "maxmemory") == [b"maxmemory", b"0"]
+    assert _saved(proxy).get(("ping", "ping")) == 1

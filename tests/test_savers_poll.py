@@ -204,6 +204,8 @@ def test_item_no_client_takes_goes_back_in_order_within_a_second(env, pop, push)
         time.sleep(0.02)
     window = time.monotonic() - t
     assert window <= 1.3, window
+    held = proxy.metric_sum("respmeter_saver_item_held_seconds_max", by=())[()]
+    assert 0.9 <= held <= 1.1, held  # the proxy's own measure of the kill -9 window
     obs.rpush("oq", "x2")
     expect = [b"x1", b"x2"]
     assert obs.lrange("oq", 0, -1) == expect
