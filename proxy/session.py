@@ -53,6 +53,9 @@ from .streaming import StreamedRequest
 # client-output-buffer-limit for pub/sub clients: 32mb hard)
 PUSH_LIMIT = 32 * 1024 * 1024
 
+# subscriptions kept by name per connection (proxy.events); past it the connection counts as unknown
+MAX_TRACKED_SUBS = 1024
+
 # Pending entry kinds
 UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
@@ -1178,8 +1181,10 @@ class Session:
             if 0 <= i < len(names):
                 if kind.endswith(b"unsubscribe"):
                     held.discard(names[i])
-                else:
+                elif sum(map(len, subs.values())) < MAX_TRACKED_SUBS:
                     held.add(names[i])
+                else:  # past the bound, the connection's subscriptions are no longer known exactly
+                    self.subs_unknown = True
         if self.on_subs is not None:
             self.on_subs(self)
 

@@ -379,3 +379,22 @@ def test_savers_with_an_empty_command_policy(redis_factory, proxy_factory):
     assert s.call("PING") == b"PONG"
     assert s.call("CONFIG", "GET", "maxmemory") == [b"maxmemory", b"0"]
     assert _saved(proxy).get(("ping", "ping")) == 1
+
+
+def test_a_client_with_thousands_of_patterns_turns_elision_off_not_the_proxy(events_env):
+    """Subscriptions past the tracking bound make the proxy forward every watched PUBLISH (the
+    server does the matching) instead of matching thousands of patterns itself per message."""
+    server, proxy, obs = events_env
+    many = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    pats = [f"/0.celeryev/w{i}.*" for i in range(1100)]
+    many.sendall(encode_resp("PSUBSCRIBE", *pats))
+    got = b""
+    while got.count(b"psubscribe") < len(pats):
+        got += many.recv(1 << 20)
+    before = commandstats(obs)
+    pub = RespSocket(proxy.host, proxy.port)
+    for _ in range(5):
+        assert pub.call("PUBLISH", HB, "x") == 0
+    delta = commandstats_delta(before, commandstats(obs))
+    assert delta.get("publish") == 5, delta
+    many.close()
