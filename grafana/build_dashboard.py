@@ -363,7 +363,7 @@ def panels() -> list[dict]:
         "Commands a saver (--savers: poll, events, ping, handshake, sweeps) answered in the proxy, "
         "so they never reached the upstream and are not billed, stacked by saver. Empty when no saver "
         "is on.",
-        (0, 39, 8, 8),
+        (0, 39, 7, 8),
         [target("A", f"sum by (saver) (rate(respmeter_saved_commands_total{{{SEL_CC}}}[{rate}]))", "{{saver}}")],
         stacked=True,
     ))
@@ -371,7 +371,7 @@ def panels() -> list[dict]:
         nid(), "Saved vs upstream commands/s",
         "saved: answered by the proxy's savers; upstream: still sent to the upstream (the billed count, the "
         "proxy's own commands included). Stacked, the two make what would go upstream without the savers.",
-        (8, 39, 8, 8),
+        (7, 39, 7, 8),
         [
             target("A", f"sum(rate(respmeter_saved_commands_total{{{SEL_CC}}}[{rate}]))", "saved"),
             target("B", f"sum(rate(respmeter_upstream_commands_total{{{SEL_CC}}}[{rate}]))", "upstream"),
@@ -381,10 +381,19 @@ def panels() -> list[dict]:
     ps.append(table(
         nid(), "Saved commands by saver and command (selected time range)",
         "Commands each saver answered in the proxy over the dashboard's time range, by command.",
-        (16, 39, 8, 8),
+        (14, 39, 6, 8),
         [target("A", f"sum by (saver, command) (increase(respmeter_saved_commands_total{{{SEL_CC}}}"
                      "[$__range]))", "{{saver}} {{command}}", instant=True, table=True)],
         value_name="saved commands",
+    ))
+    ps.append(stat(
+        nid(), "Item held in the proxy, longest",
+        "poll saver: the longest an item popped upstream stayed in the proxy before it reached a client or "
+        "went back to its list, since the proxy started: the window in which a kill -9 of the proxy could "
+        "lose it (at most 1 s by design). Empty when the poll saver is off.",
+        (20, 39, 4, 8),
+        [target("A", f"max(respmeter_saver_item_held_seconds_max{{{SEL}}})", "held")],
+        unit="s", decimals=2,
     ))
 
     # -- rejections and errors ----------------------------------------------------------------

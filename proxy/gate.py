@@ -24,6 +24,7 @@ from .auth import (
 )
 from . import commands as cmdtable
 from .commandpolicy import CommandPolicy
+from .paths import BLOCKING_NAMES
 from .resp import encode_command, encode_error
 from .session import Admission, Session
 
@@ -112,6 +113,11 @@ class Gate:
             self.limits.fast_refund(session, n)
 
     def admit(self, session: Session, args: list[bytes], info: Any, name: str) -> tuple[int, Any, str]:
+        if session.draining and name in BLOCKING_NAMES:
+            # shutting down: a blocking command is not sent (it could take an item the client would
+            # then have no time to acknowledge); the connection closes with it held
+            session.drain_held = True
+            return Admission.WAIT, None, ""
         if self.intercept_auth or not session.authed:
             verdict = self._auth(session, args, name)
             if verdict is not None:

@@ -134,7 +134,8 @@ RUN_OPTIONS: list[Option] = [
     Option("--upstream-keepalive", "30,10,3", "TCP keepalive of upstream connections: IDLE,INTERVAL,COUNT "
            "seconds/probes ('0' turns it off); finds dead connections without a billable command",
            type=_keepalive, metavar="I,I,N"),
-    Option("--shutdown-timeout", 5.0, "on SIGTERM/SIGINT, seconds to let replies in flight arrive (below "
+    Option("--shutdown-timeout", 5.0, "on SIGTERM/SIGINT, the most seconds to drain: each client is closed "
+           "once quiet with nothing in flight, and a blocking pop asked for meanwhile is never sent (below "
            "Docker's and Kubernetes' default grace periods)",
            type=_positive_float, metavar="SECONDS"),
     Option("--max-bulk", 512 * 1024**2, "largest bulk string a client may send (Redis: proto-max-bulk-len)",

@@ -30,6 +30,7 @@ log = logging.getLogger("respmeter")
 P_UPSTREAM_FULL = 1  # upstream write buffer above its high-water mark
 P_BACKLOG = 2  # too many commands (or bytes) held for this connection
 P_SHUTDOWN = 4
+DRAIN_QUIET = 0.25  # on shutdown, a client quiet this long with nothing in flight is closed
 P_OUTPUT_FULL = 8  # the client reads none of the replies the proxy answers itself
 # pause reasons for reading from the upstream
 P_CLIENT_FULL = 1
@@ -548,17 +549,35 @@ class Proxy:
         return ports
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, let replies in flight arrive (up to ``timeout``), then close everything."""
+        """Stop accepting and drain (up to ``timeout``), then close everything.
+
+        Draining: each client is closed once it is quiet, with nothing in flight, for DRAIN_QUIET
+        seconds, or as soon as it asks for a blocking command, which is then held, never sent: a pop
+        that took an item from a list just before the client is cut off would lose it (a Celery
+        worker acks a message with a MULTI right after its BRPOP returns). Commands keep being read
+        meanwhile, so such a follow-up still goes through."""
         if self._watch is not None:
             self._watch.cancel()
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
-            conn.pause(P_SHUTDOWN)
-        deadline = time.monotonic() + timeout
+            if conn.session is not None:
+                conn.session.draining = True
+        start = time.monotonic()
+        deadline = start + timeout
+        busy_at: dict[ClientConnection, float] = {}  # when each was last seen with work in flight
         while time.monotonic() < deadline:
-            busy = [c for c in self.connections if c.session is not None and not c.session.idle]
-            if not busy:
+            now = time.monotonic()
+            for c in list(self.connections):
+                s = c.session
+                if s is None or s.closed:
+                    continue
+                if s.pending or (not s.idle and not s.drain_held):
+                    busy_at[c] = now
+                    continue
+                if s.drain_held or s.parked or now - busy_at.get(c, start) >= DRAIN_QUIET:
+                    c.close()
+            if not any(c.session is not None and not c.session.closed for c in self.connections):
                 break
             await asyncio.sleep(0.02)
         for conn in list(self.connections):

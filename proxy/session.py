@@ -235,6 +235,8 @@ class Session:
         self.on_client_gone: Callable[[Session], bool] | None = None
         self.lingering = False  # the client went; the upstream connection stays until it is done
         self.parked = False  # a blocking command of the client is answered by the policy (PARK)
+        self.draining = False  # the proxy is shutting down (proxy.server.Proxy.shutdown)
+        self.drain_held = False  # ... and holds this client's blocking command, never to send it
         if policy is not None:
             policy.init_session(self)
 

@@ -307,6 +307,37 @@ def test_sigterm_lets_brpop_in_flight_finish_and_exits_0(redis_factory, proxy_fa
     assert "Traceback" not in proxy.log_text()
 
 
+def test_sigterm_drain_lets_a_popped_item_be_acked_and_pops_nothing_more(redis_factory, proxy_factory):
+    """A worker whose BRPOP returns an item during the drain still gets its ack (MULTI ... EXEC)
+    through; its next BRPOP is held, never sent, so no item is taken that it could not ack (the
+    proxy used to stop reading at SIGTERM and cut the worker between its pop and its ack)."""
+    server = redis_factory()
+    proxy = proxy_factory(server)
+    obs = server.client()
+    with RespSocket(proxy.host, proxy.port) as s:
+        s.command("BRPOP", "dq", "3")
+        _wait_until(lambda: obs.info("clients")["blocked_clients"] == 1, what="BRPOP to block")
+        proxy.send_signal(signal.SIGTERM)
+        _wait_until(lambda: not support.port_is_open(proxy.host, proxy.port, timeout=0.2),
+                    timeout=3, what="listener to close")
+        obs.lpush("dq", "task-1")
+        s.sock.settimeout(5)
+        assert s.read() == [b"dq", b"task-1"]
+        s.command("MULTI")
+        s.command("HSET", "unacked", "t1", "task-1")
+        s.command("EXEC")
+        assert [s.read(), s.read(), s.read()] == [b"OK", b"QUEUED", [1]]
+        t = time.monotonic()
+        s.command("BRPOP", "dq", "3")
+        assert s.closed_by_peer(3)
+        assert time.monotonic() - t < 1.0
+        obs.lpush("dq", "task-2")
+        time.sleep(0.2)
+        assert obs.lrange("dq", 0, -1) == [b"task-2"]
+        assert obs.hget("unacked", "t1") == b"task-1"
+    assert proxy.wait(timeout=10) == 0
+
+
 def test_client_vanishing_with_blocking_command_in_flight_closes_its_upstream(redis_factory, proxy_factory):
     """Redis frees a blocked client that disconnects; through the proxy the blocked upstream
     connection must go away too (otherwise every such client leaks a connection forever)."""
