@@ -35,7 +35,7 @@ from typing import Any
 
 import hiredis
 
-from .session import Admission
+from .session import RELAY_CLIENT, RELAY_UPSTREAM, Admission
 
 log = logging.getLogger("respmeter.savers")
 
@@ -45,6 +45,8 @@ NIL = {2: b"*-1\r\n", 3: b"_\r\n"}
 PUSH_BACK = {"brpop": b"RPUSH", "blpop": b"LPUSH"}
 _TIMEOUT = re.compile(rb"^[0-9]{1,9}(\.[0-9]{1,9})?$")
 SPARE = 2  # commands a hold may still need: CLIENT UNBLOCK, the push back
+# an item this large that no pop is waiting for goes back upstream as it arrives, never held whole
+DIVERT_MIN = 256 * 1024
 
 
 class Parked:
@@ -237,6 +239,7 @@ class PollSaver:
         e.timed = False  # (the stall check judges it by its own timeout)
         e.deadline = s.clock() + self.hold_seconds
         e.relay = lambda: self._relay(s, h)
+        e.divert = lambda buf: self._divert(s, h, buf)
 
     def _relay(self, s: Any, h: Hold) -> bool:
         """The hold's reply is an item and starts arriving: if the client's pop is parked on the same
@@ -248,6 +251,39 @@ class PollSaver:
         self._cancel_timer(p.timer)  # (committed: its own timeout no longer answers it)
         p.timer = None
         return True
+
+    def _divert(self, s: Any, h: Hold, buf: bytearray) -> Any:
+        """The start of the hold's reply, with no pop of the client's waiting for it: a large item
+        (DIVERT_MIN) goes back to its list as it arrives, ``(header length, start of the push
+        back)``; None: not enough seen yet; False: keep it (small, or not an item)."""
+        if not buf.startswith(b"*2\r\n$"):
+            return False if len(buf) >= 5 else None
+        i = buf.find(b"\r\n", 5)
+        if i < 0:
+            return None if len(buf) < 32 else False
+        klen = int(buf[5:i])
+        kend = i + 2 + klen
+        if len(buf) < kend + 3:
+            return None if klen < 65536 else False
+        j = buf.find(b"\r\n", kend + 3)
+        if buf[kend : kend + 3] != b"\r\n$" or (j < 0 and len(buf) > kend + 32):
+            return False
+        if j < 0:
+            return None
+        vlen = int(buf[kend + 3 : j])
+        if vlen < DIVERT_MIN:
+            return False
+        key = bytes(buf[i + 2 : kend])
+        st = s.poll
+        if st.spare > 0:
+            st.spare -= 1  # (taken with the hold)
+        elif self.budget is not None:
+            self.budget.take(st.spare_client or s.client, 1)  # (never refused: an item must not be lost)
+        st.pushing += 1
+        k = Kept(h.name, key, b"", b"", s.clock())
+        cmd = PUSH_BACK[h.name]
+        s.expect_internal(cmd.decode().lower(), lambda error, data: self._pushed(s, k, error, data))
+        return j + 2, b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n" % (len(cmd), cmd, klen, key, vlen)
 
     def _probe(self) -> None:
         """Before the first hold: can the control connection let a hold go? ``CLIENT UNBLOCK 0``
@@ -322,7 +358,15 @@ class PollSaver:
             st.hold = None
         if s.closed:
             return
-        if h.entry.relaying:  # the item went to the parked pop as it arrived
+        if h.entry.relaying == RELAY_UPSTREAM:  # a large item went back to its list as it arrived
+            p = st.parked
+            if p is not None and not st.gone and not self.stopping and p.name == h.name and p.keys == h.keys:
+                self._restart(s, h)  # (the client parked meanwhile: a new hold takes it again)
+            else:
+                self._finish(s)
+            s.resume()
+            return
+        if h.entry.relaying == RELAY_CLIENT:  # the item went to the parked pop as it arrived
             self._unpark(s)
             self.stats.count_command(s.client, h.name, "error" if error else "ok")
             self._finish(s)

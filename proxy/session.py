@@ -56,6 +56,10 @@ PUSH_LIMIT = 32 * 1024 * 1024
 # subscriptions kept by name per connection (proxy.events); past it the connection counts as unknown
 MAX_TRACKED_SUBS = 1024
 
+# where an INTERNAL entry's reply goes instead of its callback (Pending.relaying)
+RELAY_CLIENT = 1
+RELAY_UPSTREAM = 2
+
 # Pending entry kinds
 UPSTREAM = 0  # forwarded; its reply goes to the client
 LOCAL = 1  # answered by the proxy; ``reply`` holds the bytes
@@ -86,6 +90,7 @@ class Pending:
         "capture",
         "relay",
         "relaying",
+        "divert",
     )
 
     def __init__(self, name: str, client: str, kind: int, t0: float, args: list[bytes] | None) -> None:
@@ -103,7 +108,9 @@ class Pending:
         self.deadline: float | None = None  # a blocking command: its own timeout runs out then
         self.capture: list[bytes] | None = None  # its reply is recorded (proxy.handshake): its args
         self.relay: Callable[[], bool] | None = None  # INTERNAL: may its reply go to the client?
-        self.relaying = False  # ... it does (and its callback gets no bytes)
+        # INTERNAL: should its reply go back upstream, from what has come of it so far? (proxy.pollhold)
+        self.divert: Callable[[bytearray], Any] | None = None
+        self.relaying = 0  # RELAY_CLIENT / RELAY_UPSTREAM: where its reply goes (its callback gets no bytes)
 
 
 class Admission:
@@ -1271,16 +1278,46 @@ class Session:
             self.closing = True
 
     def _internal_seg(self, head: Pending, seg: bytes, out: list[bytes]) -> None:
-        """Bytes of the proxy's own command's reply: kept for its callback, or, for a reply its
+        """Bytes of the proxy's own command's reply: kept for its callback; or, for a reply its
         ``relay`` hook claims as it starts (an array: proxy.pollhold's item for a waiting client),
-        passed to the client as they come, never held whole."""
+        passed to the client as they come; or, once its ``divert`` hook has seen enough of it (a
+        large item nobody waits for), sent back upstream as they come, after the bytes the hook
+        gives (the start of the command that puts it back). Never held whole in those cases."""
+        if head.relaying == RELAY_CLIENT:
+            out.append(seg)
+            return
+        if head.relaying == RELAY_UPSTREAM:
+            self._write_upstream(seg)
+            return
         if head.relay is not None and not self.internal_buf and seg[:2] == b"*2":
             relay, head.relay = head.relay, None
-            head.relaying = relay()
-        if head.relaying:
-            out.append(seg)
-        else:
-            self.internal_buf += seg
+            if relay():
+                head.relaying = RELAY_CLIENT
+                out.append(seg)
+                return
+        self.internal_buf += seg
+        if head.divert is not None:
+            verdict = head.divert(self.internal_buf)
+            if verdict is False:
+                head.divert = None
+            elif verdict is not None:
+                n, prefix = verdict
+                head.divert = None
+                head.relaying = RELAY_UPSTREAM
+                rest, self.internal_buf = bytes(self.internal_buf[n:]), bytearray()
+                self._write_upstream(prefix + rest)
+
+    def expect_internal(
+        self, name: str, on_reply: Callable[[bool, bytes], None] | None, client: str = PROXY_CLIENT
+    ) -> Pending:
+        """An INTERNAL entry for a command whose bytes the caller writes upstream itself, in order
+        (a ``divert`` hook's command); counted like push_internal's."""
+        e = Pending(name, client, INTERNAL, self.clock(), None)
+        e.on_reply = on_reply
+        self.pending.append(e)
+        self.n_special += 1
+        self.stats.count_upstream(client, name)
+        return e
 
     def _complete_internal(self, e: Pending, error: bool) -> None:
         data, self.internal_buf = bytes(self.internal_buf), bytearray()

@@ -402,3 +402,29 @@ def test_holds_are_charged_to_the_cap_and_never_overshoot_it(redis_factory, prox
     assert refused > 0
     used = proxy.metric_sum("respmeter_quota_used", by=("window",), client="all")
     assert used.get("daily", 0) <= 30
+
+
+def test_large_item_nobody_waits_for_goes_back_as_it_arrives(env):
+    """A client starts a hold, then does not ask again while a 64 MB item arrives (what a hostile
+    client would do to make the proxy keep it): the item goes back to its list as it arrives, so
+    the proxy's memory does not grow by its size, and the client's next pop gets it whole."""
+    server, proxy, obs, known = env
+    s = _sock(proxy)
+    assert s.call("BRPOP", "bigq", "0.05") is None  # hold running, the client not waiting
+    time.sleep(0.1)
+    rss0 = _rss_kb(proxy.pid)
+    value = b"w" * (64 * 1024 * 1024)
+    obs.lpush("bigq", value)
+    peak = rss0
+    deadline = time.monotonic() + 10
+    while obs.llen("bigq") == 0 or obs.strlen("nothing") != 0:
+        peak = max(peak, _rss_kb(proxy.pid))
+        assert time.monotonic() < deadline, "item not back"
+        time.sleep(0.01)
+    peak = max(peak, _rss_kb(proxy.pid))
+    assert (peak - rss0) / 1024 < 32, (peak - rss0) / 1024
+    assert obs.llen("bigq") == 1
+    s.sock.settimeout(10)
+    got = s.call("BRPOP", "bigq", "5")
+    assert got[0] == b"bigq" and got[1] == value
+    assert obs.llen("bigq") == 0
