@@ -483,12 +483,8 @@ class PollSaver:
         st = s.poll
         self._unpark(s)
         st.gone = True
-        if st.kept is not None:
-            k, st.kept = st.kept, None
-            self._cancel_timer(k.timer)
-            self._push_back(s, k)
+        self._give_back(s)
         if st.hold is not None:
-            self._cancel(s)
             if self.call_later is not None:
                 # (a hold that never answers: the upstream timeout would close it, but the session is
                 # no longer watched by the proxy's stall check)
@@ -530,15 +526,18 @@ class PollSaver:
     def shutdown(self) -> None:
         self.stopping = True
         for s in list(self.sessions):
-            st = s.poll
-            if s.closed:
-                continue
-            if st.kept is not None:
-                k, st.kept = st.kept, None
-                self._cancel_timer(k.timer)
-                self._push_back(s, k)
-            if st.hold is not None:
-                self._cancel(s)
+            if not s.closed:
+                self._give_back(s)
+
+    def _give_back(self, s: Any) -> None:
+        """What the proxy holds for this client goes back: a kept item now, a hold's at its answer."""
+        st = s.poll
+        if st.kept is not None:
+            k, st.kept = st.kept, None
+            self._cancel_timer(k.timer)
+            self._push_back(s, k)
+        if st.hold is not None:
+            self._cancel(s)
 
     @staticmethod
     def _cancel_timer(timer: Any) -> None:

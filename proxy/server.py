@@ -29,11 +29,12 @@ log = logging.getLogger("respmeter")
 # pause reasons for reading from the client
 P_UPSTREAM_FULL = 1  # upstream write buffer above its high-water mark
 P_BACKLOG = 2  # too many commands (or bytes) held for this connection
-P_SHUTDOWN = 4
-DRAIN_QUIET = 0.25  # on shutdown, a client quiet this long with nothing in flight is closed
 P_OUTPUT_FULL = 8  # the client reads none of the replies the proxy answers itself
 # pause reasons for reading from the upstream
 P_CLIENT_FULL = 1
+P_ECHO_FULL = 2  # the upstream takes none of what the proxy writes back from what it reads
+
+DRAIN_QUIET = 0.25  # on shutdown, a client quiet this long with nothing in flight is closed
 
 WRITE_HIGH = 1024 * 1024  # transport write buffer high-water mark, both sides
 MAX_BACKLOG = 20_000  # commands held per connection (Session.backlog) before reading from it pauses
@@ -417,10 +418,22 @@ class UpstreamConnection(asyncio.Protocol):
         session.upstream_lost(reason)
 
     def pause_writing(self) -> None:  # upstream is slow to take our writes
-        self.client.pause(P_UPSTREAM_FULL)
+        c = self.client
+        c.pause(P_UPSTREAM_FULL)
+        if c.session is not None and c.session.n_special:
+            # what we write may come from what we read from it (proxy.pollhold sends a large item
+            # back as it arrives): stop reading until it takes our writes (the server keeps reading)
+            c.up_paused |= P_ECHO_FULL
+            if c.upstream is not None:
+                c.upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.client.resume(P_UPSTREAM_FULL)
+        c = self.client
+        c.resume(P_UPSTREAM_FULL)
+        if c.up_paused & P_ECHO_FULL:
+            c.up_paused &= ~P_ECHO_FULL
+            if not c.up_paused and c.upstream is not None:
+                c.upstream.resume_reading()
 
 
 def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:

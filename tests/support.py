@@ -57,6 +57,7 @@ OPENSSL_BIN = os.environ.get("OPENSSL", "openssl")
 
 __all__ = [
     "REPO_ROOT",
+    "rss_kb",
     "ProcessStartError",
     "free_port",
     "wait_for_port",
@@ -162,6 +163,15 @@ def _tail(path: Path | None, limit: int = 6000) -> str:
 
 _HANDED_OUT: set[int] = set()
 _PORT_LOCK = threading.Lock()
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident memory now, in KiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

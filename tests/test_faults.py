@@ -34,12 +34,6 @@ def _upstream_conns(observer) -> int:
     return len(observer.client_list()) - 1
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,13 +245,13 @@ def test_slow_reader_does_not_grow_proxy_memory(redis_factory, proxy_factory):
     N = 500  # 500 MiB of replies
     value = b"r" * MIB
     proxy.client().set("big", value)
-    rss0 = _rss_kb(proxy.pid)
+    rss0 = support.rss_kb(proxy.pid)
     s = socket.create_connection((proxy.host, proxy.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     s.sendall(encode_resp("GET", "big") * N)
     peak = 0
     for _ in range(20):  # do not read for ~3 s
-        peak = max(peak, _rss_kb(proxy.pid))
+        peak = max(peak, support.rss_kb(proxy.pid))
         time.sleep(0.15)
     # meanwhile another client is served
     assert proxy.client().get("big") == value
@@ -274,7 +268,7 @@ def test_slow_reader_does_not_grow_proxy_memory(redis_factory, proxy_factory):
             head += bytes(buf[: 16 - len(head)])
         got += n
         if got % (50 * MIB) < n:
-            peak = max(peak, _rss_kb(proxy.pid))
+            peak = max(peak, support.rss_kb(proxy.pid))
     s.close()
     assert got == expected
     assert head.startswith(b"$1048576\r\nrrrr")

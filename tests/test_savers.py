@@ -162,7 +162,7 @@ def test_a_subscriber_that_never_reads_is_closed_not_buffered(events_env):
     lazy.sendall(encode_resp("SUBSCRIBE", HB))
     time.sleep(0.2)
     pub = RespSocket(proxy.host, proxy.port)
-    rss0 = _rss_kb(proxy.pid)
+    rss0 = support.rss_kb(proxy.pid)
     payload = b"x" * 65536
     t0 = time.monotonic()
     worst = 0.0
@@ -173,19 +173,13 @@ def test_a_subscriber_that_never_reads_is_closed_not_buffered(events_env):
         worst = max(worst, time.monotonic() - t)
         if r == 0 and closed_at is None:
             closed_at = i
-    growth_mb = (_rss_kb(proxy.pid) - rss0) / 1024
+    growth_mb = (support.rss_kb(proxy.pid) - rss0) / 1024
     assert closed_at is not None, "the subscriber that reads nothing was never dropped"
     assert growth_mb < 60, growth_mb
     assert worst < 1.0, worst
     assert time.monotonic() - t0 < 30
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 # -- ping --------------------------------------------------------------------------------------------
