@@ -57,16 +57,16 @@ class EventsSaver:
 
     # -- sessions ---------------------------------------------------------------------------------
     def init_session(self, session: Any) -> None:
-        session.sub_names = {}
-        session.on_subs = self._changed
+        session.subs.names = {}
+        session.subs.on_change = self._changed
         session.on_close.append(lambda: self._gone(session))
 
     def _changed(self, session: Any) -> None:
-        if session.subs_unknown:
+        if session.subs.unknown:
             self.unknown.add(session)
         else:
             self.unknown.discard(session)
-        subs = session.sub_names
+        subs = session.subs.names
         if any(subs.values()):
             self.subscribers[session] = None
         else:
@@ -95,7 +95,7 @@ class EventsSaver:
         for s in self.subscribers:
             if s.closed or s.lingering:
                 continue
-            subs = s.sub_names
+            subs = s.subs.names
             proto = 3 if s.protocol == 3 else 2
             if channel in subs.get(b"channel", ()):
                 out.append((s, message_frame(proto, channel, data)))

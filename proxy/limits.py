@@ -396,7 +396,7 @@ class Limits:
             # broadcasts get the answers they would get from a server with nobody listening, from
             # the proxy itself (nothing is sent upstream, nothing is billed).
             if name == "ping":
-                if session.protocol == 2 and session._subscribed():
+                if session.protocol == 2 and session.subs.any():
                     arg = args[1] if len(args) > 1 else b""
                     return Admission.REPLY, b"*2\r\n$4\r\npong\r\n$%d\r\n%s\r\n" % (len(arg), arg), "local"
                 if len(args) > 1:

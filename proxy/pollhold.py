@@ -182,7 +182,7 @@ class PollSaver:
         """Nothing the client sees is pending, and the connection is in its plain state."""
         if s.multi_view or s.reply_off or s.reply_skip or s.monitor or not s.connected:
             return False
-        if s.channels or s.patterns or s.shard_channels or not s.up_ready:
+        if s.subs.any() or not s.up_ready:
             return False
         return not s.pending or (len(s.pending) == 1 and s.poll.hold is not None and s.pending[0] is s.poll.hold.entry)
 

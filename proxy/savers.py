@@ -54,7 +54,7 @@ def is_sweep_script(body: bytes) -> bool:
 def _pong(session: Any, args: list[bytes]) -> bytes:
     """PING's reply as the server gives it in the connection's state."""
     arg = args[1] if len(args) == 2 else None
-    if session.protocol == 2 and (session.channels or session.patterns or session.shard_channels):
+    if session.protocol == 2 and session.subs.any():
         arg = arg or b""
         return b"*2\r\n$4\r\npong\r\n$%d\r\n%s\r\n" % (len(arg), arg)
     if arg is None:

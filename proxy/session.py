@@ -48,13 +48,12 @@ from .resp import (
     expand,
 )
 from .streaming import StreamedRequest
+from .quotaerrors import QuotaErrors
+from .subscriptions import Subscriptions
 
 # pub/sub messages the proxy delivers itself that a client may leave unread (Redis's own
 # client-output-buffer-limit for pub/sub clients: 32mb hard)
 PUSH_LIMIT = 32 * 1024 * 1024
-
-# subscriptions kept by name per connection (proxy.events); past it the connection counts as unknown
-MAX_TRACKED_SUBS = 1024
 
 # where an INTERNAL entry's reply goes instead of its callback (Pending.relaying)
 RELAY_CLIENT = 1
@@ -190,9 +189,7 @@ class Session:
         self.in_multi = False
         self.tx_queued: list[tuple[str, str]] = []
         self.tx_name: bytes | None = None  # a CLIENT SETNAME queued in MULTI: applied by EXEC
-        self.channels = 0
-        self.patterns = 0
-        self.shard_channels = 0
+        self.subs = Subscriptions(self)  # pub/sub state, from the server's confirmations
         self.monitor = False
         # client-side view at send time (what the next command will be sent under)
         self.multi_view = False
@@ -229,12 +226,7 @@ class Session:
         self.wake: Callable[[], None] | None = None  # told after held commands were dispatched
         self.got_reply = False  # the upstream has sent RESP on this connection
         self.last_reply_at = 0.0  # when it last sent anything (for stall detection)
-        self._err_tail = b""  # start of an error reply split across reads
-        # pub/sub state kept exactly, for proxy.events (None: not tracked): channels and patterns
-        # this connection is subscribed to, as the server confirmed them
-        self.sub_names: dict[bytes, set[bytes]] | None = None
-        self.subs_unknown = False  # subscribed inside MULTI: not tracked exactly
-        self.on_subs: Callable[[Session], None] | None = None  # told when sub_names changed
+        self.quota_errors = QuotaErrors(stats)  # the upstream's "quota used up" errors
         self.push_buf = b""  # pub/sub messages of the proxy's own waiting for a frame boundary
         self.client_buffered: Callable[[], int] | None = None  # bytes the client has yet to read
         # set by a policy that must see the end: True keeps the upstream connection open after
@@ -813,9 +805,7 @@ class Session:
         if name in SUBSCRIBE_CMDS:
             e.expect = None  # decided when it reaches the head (MULTI or not, how many channels)
             if self.multi_view:
-                self.subs_unknown = True
-                if self.on_subs is not None:
-                    self.on_subs(self)
+                self.subs.queued_in_multi()
         elif name == "multi":
             self.multi_view = True
         elif name in ("exec", "discard", "reset"):
@@ -1029,36 +1019,17 @@ class Session:
                         self.internal_buf += data[start:]
             if out:
                 self._write_client(b"".join(out))
-        if errors or self._err_tail:
-            self._scan_errors(data, frames, was_in_frame)
+        if errors or self.quota_errors.tail:
+            self.quota_errors.scan(data, frames, was_in_frame, self.framer.in_frame)
         else:
             # an error reply may have begun at the end of this read: remember its start
             tail = frames[-1][0] if frames else (len(data) if was_in_frame else 0)
             if tail < len(data) and data[tail] == 45:  # '-'
-                self._scan_errors(data, frames, was_in_frame)
+                self.quota_errors.scan(data, frames, was_in_frame, self.framer.in_frame)
         if self.push_buf and not self.framer.in_frame:
             buf, self.push_buf = self.push_buf, b""
             self._write_client(buf)
         self._maybe_close()
-
-    def _scan_errors(self, data: bytes, frames: list, was_in_frame: bool) -> None:
-        """Look at the error replies of this read, including one that began in an earlier read."""
-        prev = 0
-        for i, fr in enumerate(frames):
-            if fr[1] == KIND_ERROR:
-                if i == 0 and was_in_frame:
-                    if self._err_tail:
-                        joined = self._err_tail + data[: fr[0]]
-                        self._error_reply(joined, 0, len(joined))
-                else:
-                    self._error_reply(data, prev, fr[0])
-            prev = fr[0]
-        if not self.framer.in_frame:
-            self._err_tail = b""
-        elif frames or not was_in_frame:  # a new frame starts at ``prev`` in this read
-            self._err_tail = data[prev : prev + 200] if data[prev : prev + 1] == b"-" else b""
-        elif self._err_tail:
-            self._err_tail = (self._err_tail + data)[:200]
 
     def _on_frame(self, fr: Any, now: float) -> None:
         pending = self.pending
@@ -1066,7 +1037,7 @@ class Session:
         h = pending[0] if pending else None
         obj = type(h) is Pending
         if obj and h.expect is None:
-            self._at_head(h)
+            self.subs.expect(h, self.in_multi)
         sub = obj and h.sub
         if kind == KIND_PUSH:
             if sub and fr[2] is not None and fr[2].lower() in CONFIRM_KINDS:
@@ -1076,14 +1047,14 @@ class Session:
             return
         if kind == KIND_ARRAY and self.protocol == 2 and fr[2] is not None:
             head = fr[2].lower()
-            if head in MESSAGE_KINDS and self._subscribed():
+            if head in MESSAGE_KINDS and self.subs.any():
                 self.stats.pushes += 1
                 return
             if head in CONFIRM_KINDS:
                 if sub:
                     self._confirmation(h, fr, now)
                     return
-                if self._subscribed():
+                if self.subs.any():
                     self.stats.pushes += 1
                     return
         if h is None:
@@ -1128,77 +1099,10 @@ class Session:
             else:
                 return
 
-    def _error_reply(self, data: bytes, start: int, end: int) -> None:
-        """Look at an error reply: a hosted Redis saying its request quota is used up is counted."""
-        if data.startswith(b"-ERR max ", start) and (
-            data.startswith(b"requests limit exceeded", start + 9)
-            or data.startswith(b"daily request limit exceeded", start + 9)
-        ):
-            self.stats.upstream_quota_exceeded += 1
-            if self.stats.on_quota is not None:
-                self.stats.on_quota(data[start + 1 : end - 2].decode("utf-8", "replace"))
-
-    def _at_head(self, h: Pending) -> None:
-        """Decide a subscription command's reply shape now that the server state is known."""
-        if self.in_multi:
-            h.expect = 1
-            return
-        args = h.args or []
-        n = len(args) - 1
-        name = h.name
-        if n > 0:
-            h.expect = n
-        elif name == "unsubscribe":
-            h.expect = max(1, self.channels)
-        elif name == "punsubscribe":
-            h.expect = max(1, self.patterns)
-        elif name == "sunsubscribe":
-            h.expect = max(1, self.shard_channels)
-        else:
-            h.expect = 1  # a subscribe without channels: an arity error
-        h.sub = n > 0 or name.endswith("unsubscribe")
-
     def _confirmation(self, h: Pending, fr: Any, now: float) -> None:
-        kind = fr[2].lower()
-        num = fr[3]
-        if self.sub_names is not None:
-            self._track_sub(h, kind)
-        if num is not None:
-            if kind in (b"subscribe", b"unsubscribe"):
-                self.channels = max(0, num - self.patterns)
-            elif kind in (b"psubscribe", b"punsubscribe"):
-                self.patterns = max(0, num - self.channels)
-            else:
-                self.shard_channels = max(0, num)
-        h.expect = (h.expect or 1) - 1
-        if h.expect <= 0:
+        if self.subs.confirmed(h, fr[2].lower(), fr[3]):
             self.pending.popleft()
             self._complete(h, False, now)
-
-    def _track_sub(self, h: Pending, kind: bytes) -> None:
-        """Keep the exact channel and pattern names (proxy.events): the n-th confirmation of a
-        (P)(UN)SUBSCRIBE is for its n-th argument; one without arguments drops them all."""
-        names = (h.args or [])[1:]
-        group = b"pattern" if kind[0:1] == b"p" else b"shard" if kind in (b"ssubscribe", b"sunsubscribe") else b"channel"
-        subs = self.sub_names
-        assert subs is not None
-        held = subs.setdefault(group, set())
-        if not names:
-            held.clear()
-        else:
-            i = len(names) - (h.expect or 1)
-            if 0 <= i < len(names):
-                if kind.endswith(b"unsubscribe"):
-                    held.discard(names[i])
-                elif sum(map(len, subs.values())) < MAX_TRACKED_SUBS:
-                    held.add(names[i])
-                else:  # past the bound, the connection's subscriptions are no longer known exactly
-                    self.subs_unknown = True
-        if self.on_subs is not None:
-            self.on_subs(self)
-
-    def _subscribed(self) -> bool:
-        return bool(self.channels or self.patterns or self.shard_channels)
 
     def _complete(self, e: Pending, error: bool, now: float, kind: int = 0) -> None:
         if e.capture is not None:
@@ -1253,12 +1157,7 @@ class Session:
             self.protocol = 2
             self.name = None
             self.client = self._compute_label()
-            self.channels = self.patterns = self.shard_channels = 0
-            if self.sub_names is not None:
-                self.sub_names.clear()
-                self.subs_unknown = False
-                if self.on_subs is not None:
-                    self.on_subs(self)
+            self.subs.reset()
             self.tx_queued.clear()
             self.tx_name = None
             self.in_multi = False

@@ -98,7 +98,7 @@ def test_resp2_pubsub(bytewise: bool) -> None:
     )
     assert p.reply(replies, bytewise) == replies
     assert not p.s.pending
-    assert (p.s.channels, p.s.patterns) == (2, 1)
+    assert (p.s.subs.channels, p.s.subs.patterns) == (2, 1)
     # PING while subscribed answers with an array in RESP2: paired, not a message
     p.send([b"PING"])
     p.reply(b"*4\r\n$8\r\npmessage\r\n$2\r\np*\r\n$2\r\npq\r\n$1\r\nx\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n", bytewise)
@@ -115,7 +115,7 @@ def test_resp2_pubsub(bytewise: bool) -> None:
     assert not p.s.pending
     assert p.commands()[("anonymous", "ping", "ok")] == 2
     assert p.commands()[("anonymous", "unsubscribe", "ok")] == 1
-    assert (p.s.channels, p.s.patterns) == (0, 1)
+    assert (p.s.subs.channels, p.s.subs.patterns) == (0, 1)
 
 
 def test_unsubscribe_when_not_subscribed_gets_one_confirmation() -> None:
