@@ -584,6 +584,13 @@ class App:
         opts = self.opts
         enabled = parse_savers(opts["savers"])
         if not enabled:
+            from .options import RUN_OPTIONS
+
+            defaults = {o.dest: o.default for o in RUN_OPTIONS}
+            tuned = [f"--{o.replace('_', '-')}" for o in ("saver_hold", "saver_recheck", "saver_sweep_every")
+                     if opts[o] != defaults[o]]
+            if tuned:
+                self.log.warning("%s set, but no savers are on (--savers): it has no effect", ", ".join(tuned))
             return None
         from .auth import UpstreamAuth
         from .control import ControlLink

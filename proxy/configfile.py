@@ -309,7 +309,10 @@ def load_config(path: str) -> FileConfig:
         if dest is None:
             ck.problem(["savers", key], f"unknown key (expected one of: {', '.join(sorted(SAVERS_KEYS))})")
             continue
-        if key == "enable" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if key == "enable" and isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                ck.problem(["savers", key], 'must be a list of saver names (e.g. ["celery"] or ["poll", "ping"])')
+                continue
             value = ",".join(value)
         try:
             cfg.values[dest] = _convert(options[dest], value)

@@ -187,6 +187,21 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
 
 
+# sources whose upstream rate a saver sets when it is on: (saver, what still goes upstream)
+SAVER_GOVERNED = {
+    "celery.broker_polling": ("poll", "one held BRPOP per --saver-hold (300 s)"),
+    "generic.blocking_poll": ("poll", "one held pop per --saver-hold (300 s)"),
+    "celery.heartbeat": ("events", "one PUBLISH per --saver-recheck (60 s), or every one while someone "
+                                   "else listens"),
+    "kombu.binding_sweep": ("sweeps", "one sweep per --saver-sweep-every (600 s)"),
+    "kombu.subclient_health": ("ping", "a PING when the upstream has said nothing for 30 s"),
+    "redis_py.health_check": ("ping", "a PING when the upstream has said nothing for 30 s"),
+    "redis_py.pubsub_health": ("ping", "a PING when the upstream has said nothing for 30 s"),
+    "generic.ping": ("ping", "a PING when the upstream has said nothing for 30 s"),
+    "redis_py.handshake": ("handshake", "CLIENT SETINFO once per distinct argument list"),
+}
+
+
 def build_report(
     traffic: dict[str, Any],
     usage: dict[str, Any] | None,
@@ -230,6 +245,7 @@ def build_report(
         f["count"] += row["count"]
         f["rows"].append(row)
     out_sources = []
+    savers_on = set(traffic.get("savers") or ())
     for sid, f in sorted(found.items(), key=lambda kv: -kv[1]["count"]):
         s = by_id[sid]
         per_day = f["count"] / span * DAY
@@ -265,8 +281,15 @@ def build_report(
             "commands": sorted({r["command"] for r in f["rows"]}),
             "clients": sorted({r["client"] for r in f["rows"]}),
             "knobs": knobs,
-            "notes": s.notes,
+            "notes": list(s.notes),
         }
+        governed = SAVER_GOVERNED.get(sid)
+        if governed is not None and governed[0] in savers_on:
+            # what reaches the upstream from this source is set by the saver, not by the client's
+            # settings: their savings would be wrong
+            entry["knobs"] = []
+            entry["notes"].insert(0, f"the {governed[0]} saver already answers these in the proxy; what still "
+                                     f"goes upstream is {governed[1]}, whatever the client's settings")
         if s.per_instance_per_day:
             entry["instances_estimate"] = round(per_day / s.per_instance_per_day, 1)
         out_sources.append(entry)

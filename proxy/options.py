@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,9 +37,26 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return v
+
+
+def _hold_seconds(text: str) -> float:
+    """The poll saver's hold: at least 1 s (shorter than the clients' own timeouts it would cost more
+    than it saves), at most a day."""
+    v = _positive_float(text)
+    if not 1 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 86400 seconds: {text!r}")
+    return v
+
+
+def _glob(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty channel glob")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -185,13 +203,13 @@ RUN_OPTIONS: list[Option] = [
     # savers (proxy.savers): commands answered by the proxy itself; none unless asked for
     Option("--savers", "", "savers to run: the preset 'celery' (poll,events,ping,handshake,sweeps), or a "
            "comma-separated list of poll, events, ping, handshake, sweeps; '' or none: fully transparent "
-           "(see README: Savers)", type=savers_type, metavar="LIST"),
+           "(see README: Savers)", type=savers_type, metavar="LIST", shown_default=lambda: "none"),
     Option("--saver-hold", 300.0, "poll saver: upstream timeout of the one blocking pop held for a client's "
-           "short ones", type=_positive_float, metavar="SECONDS"),
+           "short ones (1 to 86400)", type=_hold_seconds, metavar="SECONDS"),
     Option("--saver-recheck", 60.0, "events saver: a watched PUBLISH goes upstream at least this often",
            type=_positive_float, metavar="SECONDS"),
     Option("--saver-channels", list(DEFAULT_CHANNELS), "events saver: globs of the channels whose PUBLISH it "
-           "may answer; repeatable", type=str, multiple=True, metavar="GLOB"),
+           "may answer; repeatable", type=_glob, multiple=True, metavar="GLOB"),
     Option("--saver-sweep-every", 600.0, "sweeps saver: kombu's binding sweep goes upstream at most this "
            "often", type=_positive_float, metavar="SECONDS"),
     Option("--track-patterns", True, "count commands per key pattern (for respmeter report)", type=_bool,

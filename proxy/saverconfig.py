@@ -10,7 +10,7 @@ NAMES = ("poll", "events", "ping", "handshake", "sweeps")
 # The celery preset is every saver. sweeps is in it: kombu ignores the sweep's result, and a
 # binding table lives at least an hour, so sweeping every 10 minutes instead of every minute only
 # delays the clean-up of a stopped consumer's bindings by minutes on an hour's scale.
-PRESETS = {"celery": NAMES, "all": NAMES}
+PRESETS = {"celery": NAMES}
 DEFAULT_CHANNELS = ("*celeryev/worker.heartbeat",)
 
 
@@ -22,6 +22,7 @@ def parse_savers(text: str | Iterable[str]) -> frozenset[str]:
     """``celery``, ``poll,ping``, ``none`` or '' (a comma-separated string or a list)."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out: set[str] = set()
+    unknown = []
     for raw in items:
         item = raw.strip().lower()
         if not item or item == "none":
@@ -31,10 +32,12 @@ def parse_savers(text: str | Iterable[str]) -> frozenset[str]:
         elif item in NAMES:
             out.add(item)
         else:
-            raise SaverConfigError(
-                f"unknown saver {raw.strip()!r} (expected a preset: {', '.join(PRESETS)}; or some of: "
-                f"{', '.join(NAMES)}; or none)"
-            )
+            unknown.append(repr(raw.strip()))
+    if unknown:
+        raise SaverConfigError(
+            f"unknown saver{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (expected the preset "
+            f"{', '.join(PRESETS)}, or some of: {', '.join(NAMES)}; or none)"
+        )
     return frozenset(out)
 
 

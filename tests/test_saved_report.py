@@ -371,3 +371,20 @@ def test_a_running_proxy_reports_what_it_saved(redis_server, proxy_factory, tmp_
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["saved"]["rows"]
     assert [(x["client"], x["command"], x["saver"], x["count"]) for x in rows] == [("app", "ping", "ping", 20)]
+
+
+def test_sources_a_saver_governs_get_no_setting_advice_while_it_is_on():
+    """With the events saver on, the heartbeat's upstream rate is its recheck, not the worker's
+    heartbeat interval: the report must not promise a saving from --heartbeat-interval."""
+    from proxy.explain import build_report
+
+    rows = [{"client": "celery", "command": "publish", "pattern": "/0.celeryev/worker.heartbeat",
+             "count": 3, "first": 0.0, "last": 180.0}]
+    base = {"rows": rows, "measured_seconds": 180.0}
+    off = build_report(dict(base, savers=[]), None)
+    on = build_report(dict(base, savers=["events", "poll"]), None)
+    hb_off = next(s for s in off["sources"] if s["id"] == "celery.heartbeat")
+    hb_on = next(s for s in on["sources"] if s["id"] == "celery.heartbeat")
+    assert hb_off["knobs"] and any("--heartbeat-interval" in k["setting"] for k in hb_off["knobs"])
+    assert hb_on["knobs"] == []
+    assert hb_on["notes"][0].startswith("the events saver already answers these")

@@ -311,15 +311,20 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_bad_saver_names_are_clear_errors(tmp_path):
-    r = _run("run", "--savers", "celery,polll", "--state-dir", str(tmp_path))
+    r = _run("run", "--savers", "celery,polll,pong", "--state-dir", str(tmp_path))
     assert r.returncode == 2
-    assert "unknown saver 'polll'" in r.stderr and "poll, events, ping, handshake, sweeps" in r.stderr
+    assert "unknown savers 'polll', 'pong'" in r.stderr and "poll, events, ping, handshake, sweeps" in r.stderr
+    for flag, value, why in (("--saver-hold", "nan", "not a finite number"), ("--saver-hold", "0.5", "between 1"),
+                             ("--saver-recheck", "inf", "not a finite number"), ("--saver-channels", "", "empty")):
+        r = _run("run", "--savers", "celery", flag, value, "--state-dir", str(tmp_path))
+        assert r.returncode == 2 and why in r.stderr, (flag, value, r.stderr)
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[savers]\nenable = ["celery"]\nhold = -1\nbogus = 1\n')
+    cfg.write_text('[savers]\nenable = ["celery", 5]\nhold = -1\nsweep_every = nan\nbogus = 1\n')
     r = _run("check-config", str(cfg))
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "savers.hold" in out and "savers.bogus: unknown key" in out
+    assert "savers.enable: must be a list of saver names" in out and "savers.sweep_every: not a finite" in out
 
 
 @pytest.mark.parametrize("how", ["flag", "env", "file"])
