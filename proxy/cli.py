@@ -92,8 +92,9 @@ def resolve(
 RUN_DESCRIPTION = (
     "Run the proxy. Every flag below is also an environment variable: --foo-bar is RESPMETER_FOO_BAR "
     "(a repeatable flag's variable takes a comma-separated list; --rate-limit's a ';'-separated one), and "
-    "a setting of the config file (--config; see the README). A flag wins over the environment, which wins "
-    "over the config file, which wins over the default."
+    "a setting of the config file (--config; see the README: [proxy] foo_bar, but the caps, rate limits, "
+    "command policy and savers have their own sections, e.g. --saver-hold is [savers] hold). A flag wins "
+    "over the environment, which wins over the config file, which wins over the default."
 )
 
 
