@@ -24,7 +24,8 @@ def scrape(admin: str) -> dict[str, Any]:
     headers = client_headers()  # RESPMETER_ADMIN_TOKEN(_FILE), when the endpoint wants a token
     with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=headers), timeout=5) as r:  # noqa: S310
         text = r.read().decode()
-    snap: dict[str, Any] = {"t": time.monotonic(), "by_command": {}, "by_client": {}, "outcomes": {}, "throttled": {}, "up": None}
+    snap: dict[str, Any] = {"t": time.monotonic(), "by_command": {}, "by_client": {}, "outcomes": {}, "throttled": {},
+                            "saved": {}, "up": None}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "respmeter_upstream_commands_total":
@@ -33,6 +34,9 @@ def scrape(admin: str) -> dict[str, Any]:
             elif s.name == "respmeter_commands_total":
                 o = s.labels["outcome"]
                 snap["outcomes"][o] = snap["outcomes"].get(o, 0) + s.value
+            elif s.name == "respmeter_saved_commands_total":
+                k = s.labels["saver"]
+                snap["saved"][k] = snap["saved"].get(k, 0) + s.value
             elif s.name == "respmeter_throttled_total":
                 k = f"{s.labels['rule']}/{s.labels['action']}"
                 snap["throttled"][k] = s.value
@@ -83,6 +87,12 @@ def frame(prev: dict[str, Any], cur: dict[str, Any], width: int = 100, height: i
         "outcomes/s: " + "  ".join(f"{k} {(o.get(k, 0) - po.get(k, 0)) / dt:,.1f}" for k in ("ok", "error", "rejected", "local"))
         + f"   rejected total {int(o.get('rejected', 0)):,}"
     )
+    saved = cur.get("saved") or {}
+    if saved:
+        ps = prev.get("saved") or {}
+        lines.append("saved/s (never sent upstream): " + "  ".join(
+            f"{k} {(v - ps.get(k, 0)) / dt:,.1f}" for k, v in sorted(saved.items()))
+            + f"   saved total {int(sum(saved.values())):,}")
     if cur["throttled"]:
         lines.append("throttled: " + "  ".join(f"{k} {int(v):,}" for k, v in sorted(cur["throttled"].items())))
     lines.append("")

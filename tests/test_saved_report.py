@@ -388,3 +388,15 @@ def test_sources_a_saver_governs_get_no_setting_advice_while_it_is_on():
     assert hb_off["knobs"] and any("--heartbeat-interval" in k["setting"] for k in hb_off["knobs"])
     assert hb_on["knobs"] == []
     assert hb_on["notes"][0].startswith("the events saver already answers these")
+
+
+def test_top_shows_what_each_saver_answers():
+    from proxy.top import frame
+
+    base = {"by_command": {"get": 10}, "by_client": {"w": 10}, "outcomes": {"local": 0}, "throttled": {},
+            "up": 1.0, "connections": 2}
+    prev = dict(base, t=0.0, saved={"poll": 100, "events": 10})
+    cur = dict(base, t=2.0, saved={"poll": 104, "events": 11}, outcomes={"local": 5})
+    text = "\n".join(frame(prev, cur))
+    assert "saved/s (never sent upstream): events 0.5  poll 2.0   saved total 115" in text
+    assert "saved/s" not in "\n".join(frame(dict(base, t=0.0, saved={}), dict(base, t=1.0, saved={})))
