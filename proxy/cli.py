@@ -578,6 +578,32 @@ class App:
         self.log.info("caps: daily %s, monthly %s, per client %s; timezone %s; on_cap %s", caps.daily or "none",
                       caps.monthly or "none", per_client or "none", caps.timezone, caps.on_cap)
 
+    def _shared_store(self, local: Any, stats: Any, upstream: Any) -> Any:
+        """--state-url: the cap leases in Redis (proxy.sharedstore), the rest in ``local``."""
+        from .auth import UpstreamAuth
+        from .metrics import PROXY_CLIENT
+        from .sharedstore import SharedStore, SyncRedis
+
+        opts = self.opts
+        on_command = None
+        if opts["state_url"].strip().lower() == "upstream":
+            target = upstream
+
+            def on_command(name: bytes) -> None:  # billed: counted like the proxy's own commands
+                stats.count_upstream(PROXY_CLIENT, name.decode().lower())
+        else:
+            target = parse_upstream(opts["state_url"])
+        ctx = upstream_ssl_context(opts) if target.tls else None
+        link = SyncRedis(
+            target.path or (target.host, target.port),
+            handshake=UpstreamAuth(target.username, target.password, target.db).commands(),
+            ssl_context=ctx, timeout=min(2.0, opts["connect_timeout"]), on_command=on_command,
+        )
+        store = SharedStore(link, local)
+        self.log.info("caps shared through %s (%s when it is unreachable)", target.address(),
+                      "refusing commands" if opts["state_fail"] == "closed" else "serving the budget held")
+        return store
+
     def _savers(self, settings: Any, stats: Any, book: Any, limits: Any, upstream: Any, loop: Any) -> Any:
         """The savers asked for (--savers), or None: the proxy then stays fully transparent."""
         from .saverconfig import SaverConfig, parse_savers
@@ -687,6 +713,12 @@ class App:
         except Exception as exc:  # noqa: BLE001 - OSError, sqlite3.Error: say why and stop
             self.log.error("state directory %s: %s", state_dir, exc)
             return 2
+        if opts["state_url"]:
+            try:
+                store = self._shared_store(store, stats, upstream)
+            except ConfigError as exc:
+                self.log.error("%s", exc)
+                return 2
         if opts["track_patterns"]:
             from .patterns import PatternTracker
 
@@ -695,7 +727,7 @@ class App:
 
         book = HandshakeBook()
         limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats,
-                        handshake=book)
+                        handshake=book, fail_closed=opts["state_fail"] == "closed")
         self.limits = limits
         savers = self._savers(settings, stats, book, limits, upstream, loop)
         gate = Gate(

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from .paths import BLOCKING, block_timeout
 from .resp import encode_command, encode_error
 from .savedcounts import saved_window
+from .store import StateUnavailable
 from .session import Admission, Session
 
 log = logging.getLogger("respmeter.limits")
@@ -115,7 +116,9 @@ class Limits:
         call_later: Callable[[float, Callable[[], None]], Any] | None = None,
         stats: Any = None,
         handshake: Any = None,
+        fail_closed: bool = True,
     ) -> None:
+        self.fail_closed = fail_closed  # --state-fail closed: refuse while the shared store is down
         self.caps = caps
         self.rules = rules
         self.store = store
@@ -291,6 +294,8 @@ class Limits:
         if self.rules and self._ruled(client):
             return False
         pools = self.pools_for(client)
+        if pools and self.state_down:
+            return False
         for p in pools:
             if p.tokens < n:
                 return False
@@ -309,6 +314,8 @@ class Limits:
         if now >= self.next_reset:
             self._rollover(now)
         client = session.client
+        if self.state_down and self.pools_for(client):
+            return self._state_unavailable("the shared state store is unreachable")
         # rate limits first: a delayed command must not hold cap budget while it waits
         if self.rules:
             verdict = self._rate(session, client, name, now)
@@ -368,11 +375,19 @@ class Limits:
         verdict for it), rather than sent uncounted."""
         try:
             return self._take(pools, n)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StateUnavailable) as exc:
             log.error("usage state unavailable: %s", exc)
-            return Admission.REPLY, encode_error(
-                f"ERR respmeter: usage state unavailable ({exc}); command not sent, try again"
-            ), "rejected:state_unavailable"
+            return self._state_unavailable(str(exc))
+
+    def _state_unavailable(self, why: str) -> tuple[int, Any, str]:
+        return Admission.REPLY, encode_error(
+            f"ERR respmeter: usage state unavailable ({why}); command not sent, try again"
+        ), "rejected:state_unavailable"
+
+    @property
+    def state_down(self) -> bool:
+        """The shared state store failed its last call and the caps fail closed (--state-fail)."""
+        return self.fail_closed and not getattr(self.store, "healthy", True)
 
     def _tx_cap_error(self, session: Session) -> bytes:
         for p in self.pools_for(session.client):

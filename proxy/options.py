@@ -187,6 +187,11 @@ RUN_OPTIONS: list[Option] = [
     Option("--config", None, "TOML config file (see README); flags and env vars override it", metavar="FILE"),
     Option("--state-dir", None, "where usage state (SQLite) lives; the default follows XDG_STATE_HOME",
            metavar="DIR", shown_default=_state_dir_default),
+    Option("--state-url", None, "share the caps with other proxies through Redis: redis://, rediss:// (TLS "
+           "and credentials as for the upstream), or 'upstream' for the upstream itself; SQLite under "
+           "--state-dir stays for one host", metavar="URL", secret=True),
+    Option("--state-fail", "closed", "when the shared state store is unreachable: refuse commands (closed), or "
+           "serve from the budget already held and no more (open)", choices=("closed", "open")),
     Option("--daily-cap", None, "hard cap on upstream (billable) commands per day, all clients", type=_positive_int,
            metavar="N"),
     Option("--monthly-cap", None, "hard cap on upstream commands per calendar month, all clients",

@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS saved (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+class StateUnavailable(Exception):
+    """The shared state store (proxy.sharedstore) cannot be reached or refused a call: callers fail
+    closed, as for a SQLite error."""
+
+
 DEAD_AFTER = 15.0  # seconds without a heartbeat before another host's lease counts as dead
 
 

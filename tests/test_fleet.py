@@ -1,0 +1,170 @@
+"""Caps shared by several proxies through Redis (--state-url): exact against the upstream's own
+counts, under concurrency, kill -9 and a state store that goes away."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+try:
+    import support
+except ImportError:  # pragma: no cover
+    from tests import support  # type: ignore[no-redef]
+
+from support import commandstats, commandstats_delta
+
+CAP = 5000
+
+
+def _hammer(proxy, clients: int, stop: threading.Event, refused: list[int]) -> list[threading.Thread]:
+    """``clients`` pipelining clients on ``proxy``, until each sees the cap."""
+    redis = pytest.importorskip("redis")
+
+    def run() -> None:
+        c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
+        try:
+            while not stop.is_set():
+                p = c.pipeline(transaction=False)
+                for _ in range(20):
+                    p.incr("n")
+                out = p.execute(raise_on_error=False)
+                errs = [r for r in out if isinstance(r, Exception)]
+                if errs:
+                    refused.append(len(errs))
+                    assert all("cap of 5000" in str(e) for e in errs), errs[:1]
+                    return
+        except (redis.ConnectionError, redis.TimeoutError):
+            return  # (its proxy was killed)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _fleet(redis_factory, proxy_factory, n: int, extra=()):
+    upstream = redis_factory()
+    state = redis_factory()
+    proxies = [proxy_factory(upstream, ["--state-url", state.url, "--daily-cap", str(CAP), *extra])
+               for _ in range(n)]
+    return upstream, state, proxies
+
+
+def _executed(obs, before) -> int:
+    delta = commandstats_delta(before, commandstats(obs))
+    delta.pop("info", None)
+    return sum(delta.values())
+
+
+def test_three_proxies_share_one_daily_cap(redis_factory, proxy_factory):
+    upstream, state, proxies = _fleet(redis_factory, proxy_factory, 3)
+    obs = upstream.client()
+    before = commandstats(obs)
+    stop = threading.Event()
+    refused: list[int] = []
+    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
+    for t in threads:
+        t.join(60)
+    stop.set()
+    executed = _executed(obs, before)
+    # never more than the cap; less by at most the blocks the proxies still hold (cap/50 each)
+    assert executed <= CAP
+    assert executed >= CAP - 3 * 100, executed
+    assert len(refused) == 60
+    reserved = sum(int(state.client().get(k)) for k in state.client().keys("respmeter:total:day:*"))
+    assert executed <= reserved <= CAP
+
+
+def test_a_killed_proxy_loses_only_its_blocks(redis_factory, proxy_factory):
+    upstream, state, proxies = _fleet(redis_factory, proxy_factory, 3)
+    obs = upstream.client()
+    before = commandstats(obs)
+    stop = threading.Event()
+    refused: list[int] = []
+    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
+    time.sleep(0.3)
+    for p in proxies[:2]:  # mid-run: kill -9 two of them, start them again
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    for p in proxies[:2]:
+        p.start()
+    threads += [t for p in proxies[:2] for t in _hammer(p, 20, stop, refused)]
+    for t in threads:
+        t.join(60)
+    stop.set()
+    executed = _executed(obs, before)
+    assert executed <= CAP
+    # the killed proxies' unspent blocks count as used: undercount by at most those and the live ones
+    assert executed >= CAP - 5 * 100, executed
+
+
+def test_state_store_down_fails_closed_then_recovers(redis_factory, proxy_factory):
+    upstream, state, proxies = _fleet(redis_factory, proxy_factory, 1)
+    proxy = proxies[0]
+    c = proxy.client()
+    assert c.incr("x") == 1
+    state.kill()
+    t0 = time.monotonic()
+    err = None
+    while time.monotonic() - t0 < 10:
+        try:
+            c.incr("x")
+        except Exception as exc:  # noqa: BLE001
+            err = str(exc)
+            break
+        time.sleep(0.2)
+    assert err is not None and "usage state unavailable" in err, err
+    assert proxy.metric_sum("respmeter_rejections_total", by=("reason",)).get("state_unavailable", 0) >= 1
+
+
+def test_state_fail_open_serves_only_the_budget_held(redis_factory, proxy_factory):
+    upstream, state, proxies = _fleet(redis_factory, proxy_factory, 1, ["--state-fail", "open"])
+    proxy = proxies[0]
+    obs = upstream.client()
+    c = proxy.client()
+    c.incr("y")
+    held = CAP  # what the proxy may still spend is at most what it reserved
+    state.kill()
+    before = commandstats(obs)
+    served = 0
+    for _ in range(400):
+        try:
+            c.incr("y")
+            served += 1
+        except Exception as exc:  # noqa: BLE001
+            assert "usage state unavailable" in str(exc)
+            break
+    executed = _executed(obs, before)
+    assert 0 < served < 400 and executed == served <= held
+
+
+def test_state_url_upstream_counts_the_state_commands(redis_factory, proxy_factory):
+    """--state-url upstream: the proxy's own state commands go to the upstream, are billed there, and
+    the proxy counts them (client respmeter) exactly as the server does."""
+    upstream = redis_factory()
+    obs = upstream.client()
+    known = support.server_known_commands(obs)
+    before = commandstats(obs)
+    proxy = proxy_factory(upstream, ["--state-url", "upstream", "--daily-cap", "300"])
+    c = proxy.client()
+    for _ in range(50):
+        c.incr("z")
+    time.sleep(0.2)
+    delta = commandstats_delta(before, commandstats(obs))
+    up = {k: int(v) for k, v in proxy.metric_sum("respmeter_upstream_commands_total").items() if v}
+    assert delta.get("eval", 0) >= 1
+    # what the proxy sent matches the server name by name; the server also lists the commands the
+    # scripts ran inside it (GET, INCRBY, HGET, HSET, EXPIRE), which nobody sent
+    inside = {"expire", "get", "hget", "hset"}
+    lua = {k: v for k, v in delta.items() if k in inside}
+    assert lua.get("hset", 0) <= delta["eval"]
+    server = {k: v for k, v in delta.items() if k not in inside}
+    server["incrby"] -= lua.get("hset", 0)  # (one INCRBY inside each reservation that granted)
+    support.assert_counts_match(up, server, known)
+    keys = obs.keys("respmeter:total:day:*")
+    assert keys and 0 < int(obs.get(keys[0])) <= 300
