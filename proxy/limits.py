@@ -213,9 +213,12 @@ class Limits:
                 p.reserved += grant
         else:
             wants = []
+            # a shared store (proxy.sharedstore) is a network round trip away: blocks grow until
+            # refills are minutes apart, not a second
+            window = getattr(self.store, "refill_window", 1.0)
             for p in short:
                 # adaptive block: larger when refills come often, so the store is not a bottleneck
-                p.refills = [t for t in p.refills if now - t < 1.0] + [now]
+                p.refills = [t for t in p.refills if now - t < window] + [now]
                 if len(p.refills) > 4 and p.block < MAX_BLOCK:
                     p.block *= 2
                 elif len(p.refills) == 1 and p.block > MIN_BLOCK:

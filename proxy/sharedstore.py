@@ -33,7 +33,8 @@ from .store import StateUnavailable
 log = logging.getLogger("respmeter.state")
 
 TTL = 40 * 86400  # seconds a window's keys outlive their last write (longer than any window)
-DEAD_AFTER = 60.0  # seconds without a push before another proxy's lease counts as dead (all used)
+DEAD_AFTER = 180.0  # seconds without a push before another proxy's lease counts as dead (all used)
+PUSH_EVERY = 60.0  # seconds between pushes of what this process spent (and its heartbeat)
 
 # KEYS: (lease hash, reserved total) per want; ARGV: owner, now, ttl, then (amount, cap) per want
 RESERVE = b"""
@@ -168,7 +169,7 @@ class SharedStore:
         *,
         clock: Callable[[], float] = time.time,
         prefix: bytes = b"respmeter:",
-        push_every: float = 15.0,
+        push_every: float = PUSH_EVERY,
     ) -> None:
         self.link = link
         self.local = local  # proxy.store.Store: counts, patterns, saved, and a copy of the leases
@@ -176,6 +177,7 @@ class SharedStore:
         self.prefix = prefix
         self.push_every = push_every
         self.owner = local.owner
+        self.refill_window = 120.0  # (proxy.limits: blocks grow while refills are closer than this)
         self.started = local.started
         self.mine: dict[tuple[str, str], int] = {}  # (win, scope) -> what this process spent
         self.pushed_at = 0.0

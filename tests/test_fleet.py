@@ -168,3 +168,52 @@ def test_state_url_upstream_counts_the_state_commands(redis_factory, proxy_facto
     support.assert_counts_match(up, server, known)
     keys = obs.keys("respmeter:total:day:*")
     assert keys and 0 < int(obs.get(keys[0])) <= 300
+
+
+def test_day_rollover_across_two_proxies_with_an_injected_clock(redis_factory, tmp_path):
+    """Two proxies' Limits share a state Redis; the clock crosses midnight (in the cap's timezone):
+    the new day starts at zero for both, the month keeps counting for both, and the windows' keys
+    are apart (no race at midnight) and expire."""
+    import datetime as dt
+
+    from proxy.limits import CapConfig, Limits
+    from proxy.sharedstore import SharedStore, SyncRedis
+    from proxy.store import Store
+
+    try:
+        from test_limits import Clock, Conn, forwarded
+    except ImportError:  # pragma: no cover
+        from tests.test_limits import Clock, Conn, forwarded
+
+    state = redis_factory()
+    clock = Clock(dt.datetime(2026, 11, 25, 23, 59, 30, tzinfo=dt.timezone.utc).timestamp())
+
+    class SharedRig:
+        def __init__(self, name: str) -> None:
+            from proxy.gate import Gate
+            from proxy.metrics import Stats
+
+            self.clock = clock
+            self.timers = lambda delay, fn: None
+            self.stats = Stats()
+            local = Store(tmp_path / name, clock=clock, owner=f"host:{name}")
+            self.store = SharedStore(SyncRedis((state.host, state.port)), local, clock=clock)
+            self.limits = Limits(CapConfig(daily=30, monthly=100), [], self.store, clock=clock,
+                                 call_later=self.timers, stats=self.stats)
+            self.gate = Gate(limits=self.limits, call_later=self.timers, clock=clock)
+
+    a, b = SharedRig("a"), SharedRig("b")
+    ca, cb = Conn(a), Conn(b)
+    day1 = forwarded(ca.send(*([[b"INCR", b"k"]] * 25))) + forwarded(cb.send(*([[b"INCR", b"k"]] * 25)))
+    assert day1 == 30  # the two share the day's 30
+    clock.t += 60  # 2026-11-26 00:00:30
+    day2 = forwarded(ca.send(*([[b"INCR", b"k"]] * 25))) + forwarded(cb.send(*([[b"INCR", b"k"]] * 25)))
+    assert day2 == 30
+    for rig in (a, b):
+        rig.limits.flush(release=True)
+    r = state.client()
+    assert int(r.get("respmeter:total:day:2026-11-25:")) <= 30
+    assert int(r.get("respmeter:total:day:2026-11-26:")) == 30
+    assert int(r.get("respmeter:total:month:2026-11:")) == 60
+    assert 0 < r.ttl("respmeter:total:day:2026-11-25:") <= 40 * 86400
+    assert a.limits.used("monthly") == 60 and b.limits.used("daily") == 30

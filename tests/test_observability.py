@@ -690,7 +690,12 @@ def test_deploy_kit_agrees_with_cli() -> None:
     assert upstream.host in services, "the default upstream is the bundled redis service"
     (scrape,) = load_yaml(PROM_CONFIG)["scrape_configs"]
     (targets,) = [sc["targets"] for sc in scrape["static_configs"]]
-    assert targets == [f"respmeter:{admin_port}"] and scrape.get("metrics_path", "/metrics") == "/metrics"
+    assert targets == [f"respmeter:{admin_port}", f"respmeter-2:{admin_port}"]
+    assert scrape.get("metrics_path", "/metrics") == "/metrics"
+    # the second instance is the first one's twin, sharing its caps (through the upstream)
+    r2 = services["respmeter-2"]
+    assert compose_env(r2) == compose_env(rm) and opts["state_url"] == "upstream"
+    assert [p.split(":")[0] for p in r2["ports"]] == ["127.0.0.1", "127.0.0.1"]
     # how to send an admin token is shown (commented out: the compose demo runs without one)
     lines = PROM_CONFIG.read_text().splitlines()
     (start,) = [i for i, ln in enumerate(lines) if ln.strip() == "# authorization:"]
@@ -705,7 +710,7 @@ def test_deploy_kit_agrees_with_cli() -> None:
 
     # -- Kubernetes -----------------------------------------------------------------------------
     docs = k8s_docs()
-    assert {"ConfigMap", "Secret", "Deployment", "Service", "PersistentVolumeClaim"} <= set(docs)
+    assert {"ConfigMap", "Secret", "Deployment", "Service"} <= set(docs)
     kustom = load_yaml(DEPLOY / "k8s" / "kustomization.yaml")
     assert sorted(kustom["resources"]) == sorted(p.name for p in (DEPLOY / "k8s").glob("*.yaml")
                                                  if p.name != "kustomization.yaml")
@@ -738,8 +743,9 @@ def test_deploy_kit_agrees_with_cli() -> None:
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert opts["state_dir"] in mounts
     vols = {v["name"]: v for v in pod["volumes"]}
-    assert vols[mounts[opts["state_dir"]]]["persistentVolumeClaim"]["claimName"] == \
-        docs["PersistentVolumeClaim"]["metadata"]["name"]
+    # the replicas share the caps through the upstream; each keeps its own counts locally
+    assert docs["Deployment"]["spec"]["replicas"] >= 2 and opts["state_url"] == "upstream"
+    assert "emptyDir" in vols[mounts[opts["state_dir"]]]
     users_dir, users_file = os.path.split(opts["users"])
     users_vol = vols[mounts[users_dir]]["secret"]
     assert users_vol["secretName"] == docs["Secret"]["metadata"]["name"]
