@@ -719,6 +719,15 @@ class App:
             except ConfigError as exc:
                 self.log.error("%s", exc)
                 return 2
+        if getattr(store, "healthy", None) is not None:
+            def state_problem() -> str | None:
+                if store.healthy:
+                    return None
+                if opts["state_fail"] == "closed":
+                    return "shared state store unreachable: refusing commands (--state-fail closed)"
+                return "shared state store unreachable: serving only the budget already held (--state-fail open)"
+
+            health.state_problem = state_problem
         if opts["track_patterns"]:
             from .patterns import PatternTracker
 

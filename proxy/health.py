@@ -38,6 +38,8 @@ class Health:
         # the upstream answered with something that is not RESP, or it stalled
         self.broken_reason = ""
         self.retry = 2.0
+        # the shared state store (--state-url): None when it is fine (or not used), else what /healthz says
+        self.state_problem: Callable[[], str | None] | None = None
         self._probed_at = float("-inf")
 
     def ok(self) -> None:
@@ -119,6 +121,9 @@ class Health:
             return False, "upstream unreachable: " + self.reason
         if self.clock() - self.quota_exceeded_at < self.quota_window:
             return False, "upstream request quota exceeded: " + self.quota_reason
+        problem = self.state_problem() if self.state_problem is not None else None
+        if problem:
+            return False, problem
         return True, "ok"
 
     async def _run_probe(self) -> None:

@@ -119,6 +119,8 @@ def test_state_store_down_fails_closed_then_recovers(redis_factory, proxy_factor
             break
         time.sleep(0.2)
     assert err is not None and "usage state unavailable" in err, err
+    status, body = proxy.healthz()
+    assert status == 503 and "refusing commands (--state-fail closed)" in body
     assert proxy.metric_sum("respmeter_rejections_total", by=("reason",)).get("state_unavailable", 0) >= 1
 
 
@@ -141,6 +143,8 @@ def test_state_fail_open_serves_only_the_budget_held(redis_factory, proxy_factor
             break
     executed = _executed(obs, before)
     assert 0 < served < 400 and executed == served <= held
+    status, body = proxy.healthz()
+    assert status == 503 and "serving only the budget already held (--state-fail open)" in body
 
 
 def test_state_url_upstream_counts_the_state_commands(redis_factory, proxy_factory):
