@@ -597,7 +597,7 @@ class App:
         link = SyncRedis(
             target.path or (target.host, target.port),
             handshake=UpstreamAuth(target.username, target.password, target.db).commands(),
-            ssl_context=ctx, timeout=min(2.0, opts["connect_timeout"]), on_command=on_command,
+            ssl_context=ctx, timeout=min(1.0, opts["connect_timeout"]), on_command=on_command,
         )
         store = SharedStore(link, local)
         self.log.info("caps shared through %s (%s when it is unreachable)", target.address(),

@@ -34,6 +34,7 @@ log = logging.getLogger("respmeter.state")
 
 TTL = 40 * 86400  # seconds a window's keys outlive their last write (longer than any window)
 DEAD_AFTER = 180.0  # seconds without a push before another proxy's lease counts as dead (all used)
+RETRY_EVERY = 5.0  # seconds between tries of an unreachable state store (each may block up to its timeout)
 PUSH_EVERY = 60.0  # seconds between pushes of what this process spent (and its heartbeat)
 
 # KEYS: (lease hash, reserved total) per want; ARGV: owner, now, ttl, then (amount, cap) per want
@@ -182,6 +183,7 @@ class SharedStore:
         self.mine: dict[tuple[str, str], int] = {}  # (win, scope) -> what this process spent
         self.pushed_at = 0.0
         self.healthy = True  # the last call to the state store succeeded
+        self.failed_at = float("-inf")
         self._used: dict[tuple[str, str], tuple[float, Any]] = {}  # (win, scope) -> (when, HGETALL)
 
     def _keys(self, win: str, scope: str) -> tuple[bytes, bytes]:
@@ -193,6 +195,7 @@ class SharedStore:
             out = self.link.call(b"EVAL", script, len(keys), *keys, *args)
         except StateUnavailable:
             self.healthy = False
+            self.failed_at = self.clock()
             raise
         self.healthy = True
         return out
@@ -221,7 +224,11 @@ class SharedStore:
         for win, scope, n in spent:
             self.mine[(win, scope)] = n
         now = self.clock()
-        if release or not self.healthy or now - self.pushed_at >= self.push_every:
+        if self.healthy:
+            due = now - self.pushed_at >= self.push_every
+        else:
+            due = now - self.failed_at >= RETRY_EVERY  # (each try may block up to the timeout)
+        if release or due:
             rel = {(w, s): n for w, s, n in release}
             was = self.healthy
             try:
@@ -259,12 +266,15 @@ class SharedStore:
         cached = self._used.get((win, scope))
         if cached is not None and now - cached[0] < self.push_every:
             raw = cached[1]  # (a scrape every few seconds must not cost a state call each time)
+        elif not self.healthy and now - self.failed_at < RETRY_EVERY:
+            return self.local.used(win, scope, own_spent)
         else:
             try:
                 raw = self.link.call(b"HGETALL", lk)
                 self.healthy = True
             except StateUnavailable:
                 self.healthy = False
+                self.failed_at = now
                 return self.local.used(win, scope, own_spent)
             self._used[(win, scope)] = (now, raw)
         total = 0
