@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from . import assemble
 from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
 from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size, keepalive_tuple  # noqa: F401
 from .resp import hot_path
@@ -578,65 +579,6 @@ class App:
         self.log.info("caps: daily %s, monthly %s, per client %s; timezone %s; on_cap %s", caps.daily or "none",
                       caps.monthly or "none", per_client or "none", caps.timezone, caps.on_cap)
 
-    def _shared_store(self, local: Any, stats: Any, upstream: Any) -> Any:
-        """--state-url: the cap leases in Redis (proxy.sharedstore), the rest in ``local``."""
-        from .auth import UpstreamAuth
-        from .metrics import PROXY_CLIENT
-        from .sharedstore import SharedStore, SyncRedis
-
-        opts = self.opts
-        on_command = None
-        if opts["state_url"].strip().lower() == "upstream":
-            target = upstream
-
-            def on_command(name: bytes) -> None:  # billed: counted like the proxy's own commands
-                stats.count_upstream(PROXY_CLIENT, name.decode().lower())
-        else:
-            target = parse_upstream(opts["state_url"])
-        ctx = upstream_ssl_context(opts) if target.tls else None
-        link = SyncRedis(
-            target.path or (target.host, target.port),
-            handshake=UpstreamAuth(target.username, target.password, target.db).commands(),
-            ssl_context=ctx, timeout=min(1.0, opts["connect_timeout"]), on_command=on_command,
-        )
-        store = SharedStore(link, local)
-        self.log.info("caps shared through %s (%s when it is unreachable)", target.address(),
-                      "refusing commands" if opts["state_fail"] == "closed" else "serving the budget held")
-        return store
-
-    def _savers(self, settings: Any, stats: Any, book: Any, limits: Any, upstream: Any, loop: Any) -> Any:
-        """The savers asked for (--savers), or None: the proxy then stays fully transparent."""
-        from .saverconfig import SaverConfig, parse_savers
-
-        opts = self.opts
-        enabled = parse_savers(opts["savers"])
-        if not enabled:
-            from .options import RUN_OPTIONS
-
-            defaults = {o.dest: o.default for o in RUN_OPTIONS}
-            tuned = [f"--{o.replace('_', '-')}" for o in ("saver_hold", "saver_recheck", "saver_sweep_every")
-                     if opts[o] != defaults[o]]
-            if tuned:
-                self.log.warning("%s set, but no savers are on (--savers): it has no effect", ", ".join(tuned))
-            return None
-        from .auth import UpstreamAuth
-        from .control import ControlLink
-        from .savers import Savers
-
-        config = SaverConfig(
-            enabled=enabled, hold=opts["saver_hold"], recheck=opts["saver_recheck"],
-            channels=tuple(opts["saver_channels"]), sweep_every=opts["saver_sweep_every"],
-        )
-        control = None
-        if "poll" in enabled:
-            auth = UpstreamAuth(upstream.username, upstream.password, upstream.db)
-            control = ControlLink(settings, stats, auth.commands(), budget=limits, db=upstream.db or 0)
-        savers = Savers(
-            config, stats, handshake=book, call_later=lambda d, fn: loop.call_later(d, fn), control=control,
-            budget=limits, keepalive=settings.keepalive is not None,
-        )
-        return savers
-
     async def main(self) -> int:
         from prometheus_client import CollectorRegistry
 
@@ -715,19 +657,12 @@ class App:
             return 2
         if opts["state_url"]:
             try:
-                store = self._shared_store(store, stats, upstream)
+                store = assemble.shared_store(opts, store, stats, upstream, upstream_ssl_context, self.log)
             except ConfigError as exc:
                 self.log.error("%s", exc)
                 return 2
         if getattr(store, "healthy", None) is not None:
-            def state_problem() -> str | None:
-                if store.healthy:
-                    return None
-                if opts["state_fail"] == "closed":
-                    return "shared state store unreachable: refusing commands (--state-fail closed)"
-                return "shared state store unreachable: serving only the budget already held (--state-fail open)"
-
-            health.state_problem = state_problem
+            health.state_problem = assemble.state_problem(store, opts["state_fail"])
         if opts["track_patterns"]:
             from .patterns import PatternTracker
 
@@ -738,7 +673,7 @@ class App:
         limits = Limits(self.caps, self.rules, store, call_later=lambda d, fn: loop.call_later(d, fn), stats=stats,
                         handshake=book, fail_closed=opts["state_fail"] == "closed")
         self.limits = limits
-        savers = self._savers(settings, stats, book, limits, upstream, loop)
+        savers = assemble.savers(opts, settings, stats, book, limits, upstream, loop, self.log)
         gate = Gate(
             savers=savers,
             handshake=book,
