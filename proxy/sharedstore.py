@@ -200,10 +200,6 @@ class SharedStore:
         self.healthy = True
         return out
 
-    def describe(self) -> str:
-        a = self.link.address
-        return a if isinstance(a, str) else f"{a[0]}:{a[1]}"
-
     # -- leases --------------------------------------------------------------------------------------
     def reserve(self, wants: list[tuple[str, str, int, int]]) -> list[int]:
         keys: list[bytes] = []
@@ -239,6 +235,9 @@ class SharedStore:
                 return
             if not was:
                 log.warning("shared state store reachable again")
+            # windows that ended went back above (their release): no need to push them again
+            current = {(w, sc) for w, sc, _ in spent}
+            self.mine = {k: v for k, v in self.mine.items() if k in current}
 
     def _push(self, rel: dict[tuple[str, str], int], close: bool) -> None:
         if not self.mine:
