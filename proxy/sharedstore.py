@@ -64,9 +64,10 @@ return out
 """
 
 # KEYS as RESERVE; ARGV: owner, now, ttl, close (1: give back everything unspent), then (spent,
-# release) per lease
+# release) per lease. Returns every lease hash as it is then (the fleet's usage, read in the same call)
 PUSH = b"""
 local owner, now, ttl, close = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local out = {}
 for i = 1, #KEYS / 2 do
   local lk, tk = KEYS[2 * i - 1], KEYS[2 * i]
   local spent, release = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
@@ -81,8 +82,9 @@ for i = 1, #KEYS / 2 do
     redis.call('EXPIRE', lk, ttl)
     redis.call('EXPIRE', tk, ttl)
   end
+  out[i] = redis.call('HGETALL', lk)
 end
-return #KEYS / 2
+return out
 """
 
 
@@ -247,8 +249,10 @@ class SharedStore:
         for (win, scope), n in self.mine.items():
             keys.extend(self._keys(win, scope))
             args.extend((n, rel.get((win, scope), 0)))
-        self._eval(PUSH, keys, args)
-        self.pushed_at = self.clock()
+        leases = self._eval(PUSH, keys, args)
+        self.pushed_at = now = self.clock()
+        for key, raw in zip(self.mine, leases):
+            self._used[key] = (now, raw)  # (usage is read with the push: no call of its own)
 
     def close_leases(self) -> None:
         self.local.close_leases()
@@ -263,8 +267,8 @@ class SharedStore:
         lk, _ = self._keys(win, scope)
         now = self.clock()
         cached = self._used.get((win, scope))
-        if cached is not None and now - cached[0] < self.push_every:
-            raw = cached[1]  # (a scrape every few seconds must not cost a state call each time)
+        if cached is not None and now - cached[0] < 2 * self.push_every:
+            raw = cached[1]  # (from the last push: a scrape must not cost a state call, billed with upstream)
         elif not self.healthy and now - self.failed_at < RETRY_EVERY:
             return self.local.used(win, scope, own_spent)
         else:

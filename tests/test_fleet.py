@@ -215,6 +215,8 @@ def test_day_rollover_across_two_proxies_with_an_injected_clock(redis_factory, t
     assert day2 == 30
     for rig in (a, b):
         rig.limits.flush(release=True)
+    clock.t += 61  # a's next push (every 60 s) reads the fleet's usage, b's included
+    a.limits.flush()
     r = state.client()
     assert int(r.get("respmeter:total:day:2026-11-25:")) <= 30
     assert int(r.get("respmeter:total:day:2026-11-26:")) == 30
