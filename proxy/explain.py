@@ -202,6 +202,12 @@ SAVER_GOVERNED = {
 }
 
 
+def _rates(count: int, span: float) -> dict[str, float]:
+    """A count over ``span`` seconds as the report's per_minute, per_hour and per_day."""
+    per_s = count / span
+    return {"per_minute": round(per_s * 60, 2), "per_hour": round(per_s * 3600, 1), "per_day": round(per_s * DAY)}
+
+
 def build_report(
     traffic: dict[str, Any],
     usage: dict[str, Any] | None,
@@ -221,16 +227,13 @@ def build_report(
     seen = evidence_by_client(rows_in, evidence)
     rows = []
     for r, sid in zip(rows_in, ids):
-        per_s = r["count"] / span
         rows.append(
             {
                 "client": r["client"],
                 "command": r["command"],
                 "pattern": r["pattern"],
                 "count": r["count"],
-                "per_minute": round(per_s * 60, 2),
-                "per_hour": round(per_s * 3600, 1),
-                "per_day": round(per_s * DAY),
+                **_rates(r["count"], span),
                 "share": round(r["count"] / total, 4) if total else 0.0,
                 "source": sid,
             }
@@ -373,16 +376,8 @@ def _saved_section(traffic: dict[str, Any], span: float, upstream_per_day: float
     rows = []
     by_saver: dict[str, dict[str, Any]] = {}
     for r in rows_in:
-        per_s = r["count"] / saved_span
-        rows.append({
-            "client": r["client"],
-            "command": r["command"],
-            "saver": r["saver"],
-            "count": r["count"],
-            "per_minute": round(per_s * 60, 2),
-            "per_hour": round(per_s * 3600, 1),
-            "per_day": round(per_s * DAY),
-        })
+        rows.append({"client": r["client"], "command": r["command"], "saver": r["saver"], "count": r["count"],
+                     **_rates(r["count"], saved_span)})
         b = by_saver.setdefault(r["saver"], {"saver": r["saver"], "count": 0, "commands": set(), "clients": set()})
         b["count"] += r["count"]
         b["commands"].add(r["command"])

@@ -104,7 +104,7 @@ def _tail(path: Path, limit: int = 4000) -> str:
 # --------------------------------------------------------------------------------------------
 # a default (prefork) worker
 # --------------------------------------------------------------------------------------------
-class PreforkWorker:
+class PreforkWorker(support._ChildProcess):
     """``celery -A rmsav worker -c 2 -n <name>@%h --loglevel info`` in a session of its own (so its
     pool processes can be killed with it if a test fails); each start logs to its own file."""
 
@@ -140,15 +140,6 @@ class PreforkWorker:
             )
         support._register(self.proc)
         return self
-
-    def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def all_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("worker-*.log")))
