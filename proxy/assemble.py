@@ -31,10 +31,34 @@ def shared_store(opts: dict[str, Any], local: Any, stats: Any, upstream: Any,
         handshake=UpstreamAuth(target.username, target.password, target.db).commands(),
         ssl_context=ctx, timeout=min(1.0, opts["connect_timeout"]), on_command=on_command,
     )
-    store = SharedStore(link, local)
+    store = SharedStore(link, local, billed=on_command is not None, instance=instance_name(opts, local))
     log.info("caps shared through %s (%s when it is unreachable)", target.address(),
              "refusing commands" if opts["state_fail"] == "closed" else "serving the budget held")
     return store
+
+
+def instance_name(opts: dict[str, Any], local: Any) -> str:
+    """This instance's name in the shared state (--instance), else one kept in its state directory
+    (its host name and 4 random hex digits), so that a restarted proxy is the same instance."""
+    import os
+    import socket
+
+    if opts.get("instance"):
+        return str(opts["instance"])
+    path = local.dir / "instance"
+    try:
+        name = path.read_text().strip()
+        if name:
+            return name
+    except OSError:
+        pass
+    name = f"{socket.gethostname()}-{os.urandom(2).hex()}"
+    try:
+        path.write_text(name + "\n")
+    except OSError as exc:
+        log = logging.getLogger("respmeter")
+        log.warning("could not keep the instance name in %s: %s", path, exc)
+    return name
 
 
 def state_problem(store: Any, fail: str) -> Callable[[], str | None]:

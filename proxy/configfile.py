@@ -51,7 +51,7 @@ from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
 
 TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands", "savers", "state"}
-STATE_KEYS = {"url": "state_url", "fail": "state_fail"}
+STATE_KEYS = {"url": "state_url", "fail": "state_fail", "instance": "instance"}
 # [savers] keys -> run options
 SAVERS_KEYS = {"enable": "savers", "hold": "saver_hold", "recheck": "saver_recheck",
                "channels": "saver_channels", "sweep_every": "saver_sweep_every"}

@@ -59,6 +59,15 @@ def _glob(text: str) -> str:
     return text
 
 
+def _instance(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"not an instance name: {text!r} (1-64 letters, digits, '.', '_', ':' or '-')")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -192,6 +201,8 @@ RUN_OPTIONS: list[Option] = [
            "--state-dir stays for one host", metavar="URL", secret=True),
     Option("--state-fail", "closed", "when the shared state store is unreachable: refuse commands (closed), or "
            "serve from the budget already held and no more (open)", choices=("closed", "open")),
+    Option("--instance", None, "this proxy's name in the shared state (--state-url) and the fleet's report; "
+           "default: the host name and 4 random hex digits, kept in --state-dir", type=_instance, metavar="NAME"),
     Option("--daily-cap", None, "hard cap on upstream (billable) commands per day, all clients", type=_positive_int,
            metavar="N"),
     Option("--monthly-cap", None, "hard cap on upstream commands per calendar month, all clients",

@@ -35,54 +35,109 @@ log = logging.getLogger("respmeter.state")
 TTL = 40 * 86400  # seconds a window's keys outlive their last write (longer than any window)
 DEAD_AFTER = 180.0  # seconds without a push before another proxy's lease counts as dead (all used)
 RETRY_EVERY = 5.0  # seconds between tries of an unreachable state store (each may block up to its timeout)
-PUSH_EVERY = 60.0  # seconds between pushes of what this process spent (and its heartbeat)
+PUSH_EVERY = 60.0
+# with --state-url upstream: budget of each window set aside for the first state call of instances
+# new in it, once the rest is spent (the cap is reached; see CHARGE); at most a tenth of the cap
+HEADROOM = 16  # seconds between pushes of what this process spent (and its heartbeat)
 
-# KEYS: (lease hash, reserved total) per want; ARGV: owner, now, ttl, then (amount, cap) per want
-RESERVE = b"""
+# With --state-url upstream, every state command is billed like a client's: each script is paid
+# from the global caps (scope ''), in the same script. A proxy pays its next call ahead: each script
+# tops up a small "spare" of budget, kept under the instance's name in the lease hash (a restarted
+# instance inherits it), and a proxy whose spare cannot pay for another call makes none (its cap
+# is reached). The first call of an instance new in a window has no spare: it is paid from what is
+# free, else from a headroom the fleet sets aside for such first calls (HEADROOM, that no block
+# nor spare may take). Lease fields: owner -> "reserved spent beat closed state_spent";
+# "~spare:<instance>" -> its spare; "~boot" -> the headroom used.
+CHARGE = b"""
+local function lease(lk, owner)
+  local v = redis.call('HGET', lk, owner)
+  if not v then return 0, 0, 0 end
+  local a, b, c = string.match(v, '^(%d+) (%d+) %S+ %d+ ?(%d*)')
+  return tonumber(a), tonumber(b), tonumber(c) or 0
+end
+-- the budget blocks and spares may take: the cap less the headroom not used yet
+local function limit(lk, cap, headroom)
+  headroom = math.min(headroom, math.floor(cap / 10))
+  return cap - math.max(0, headroom - tonumber(redis.call('HGET', lk, '~boot') or '0'))
+end
+local function charge(lk, total, cap, headroom, cost, target, field)
+  local sp = tonumber(redis.call('HGET', lk, field) or '0')
+  local pay = math.min(sp, cost)
+  sp = sp - pay
+  local first = cost - pay
+  if first > 0 then
+    local free = math.max(0, limit(lk, cap, headroom) - total)
+    if first > free then redis.call('HINCRBY', lk, '~boot', first - free) end
+    total = total + first
+  end
+  if target > 0 then
+    local top = math.max(0, math.min(target - sp, limit(lk, cap, headroom) - total))
+    sp = sp + top
+    total = total + top
+  end
+  redis.call('HSET', lk, field, sp)
+  return total, sp
+end
+"""
+
+# KEYS: (lease hash, reserved total) per want; ARGV: owner, now, ttl, cost, spare target, spare
+# field, headroom, then (amount, cap, charged) per want. Returns (grant, spare or -1) per want.
+RESERVE = CHARGE + b"""
 local owner, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local cost, target, field, headroom = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local out = {}
 for i = 1, #KEYS / 2 do
   local lk, tk = KEYS[2 * i - 1], KEYS[2 * i]
-  local amount, cap = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
-  local total = tonumber(redis.call('GET', tk) or '0')
-  local grant = math.max(0, math.min(amount, cap - total))
-  if grant > 0 then
-    redis.call('INCRBY', tk, grant)
-    local r, s = 0, 0
-    local v = redis.call('HGET', lk, owner)
-    if v then
-      local a, b = string.match(v, '^(%d+) (%d+)')
-      r, s = tonumber(a), tonumber(b)
-    end
-    redis.call('HSET', lk, owner, (r + grant) .. ' ' .. s .. ' ' .. now .. ' 0')
-    redis.call('EXPIRE', lk, ttl)
-    redis.call('EXPIRE', tk, ttl)
+  local amount, cap, charged = tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i] == '1'
+  local before = tonumber(redis.call('GET', tk) or '0')
+  local total, sp = before, -1
+  local r, s, st = lease(lk, owner)
+  local top = cap
+  if charged then
+    total, sp = charge(lk, total, cap, headroom, cost, target, field)
+    st = st + cost
+    top = limit(lk, cap, headroom)
   end
-  out[i] = grant
+  local grant = math.max(0, math.min(amount, top - total))
+  total = total + grant
+  if total ~= before or charged then
+    redis.call('SET', tk, total, 'EX', ttl)
+    redis.call('HSET', lk, owner, (r + grant) .. ' ' .. s .. ' ' .. now .. ' 0 ' .. st)
+    redis.call('EXPIRE', lk, ttl)
+  end
+  out[i] = {grant, sp}
 end
 return out
 """
 
-# KEYS as RESERVE; ARGV: owner, now, ttl, close (1: give back everything unspent), then (spent,
-# release) per lease. Returns every lease hash as it is then (the fleet's usage, read in the same call)
-PUSH = b"""
+# KEYS as RESERVE; ARGV: owner, now, ttl, close (1: give back everything unspent), cost, spare
+# target, spare field, headroom, then (spent, release, cap, charged) per lease. Returns (spare or -1, the lease
+# hash as it is then: the fleet's usage, read in the same call) per lease.
+PUSH = CHARGE + b"""
 local owner, now, ttl, close = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local cost, target, field, headroom = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 local out = {}
 for i = 1, #KEYS / 2 do
   local lk, tk = KEYS[2 * i - 1], KEYS[2 * i]
-  local spent, release = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
-  local v = redis.call('HGET', lk, owner)
-  if v then
-    local a = string.match(v, '^(%d+)')
-    local r = tonumber(a)
+  local spent, release = tonumber(ARGV[5 + 4 * i]), tonumber(ARGV[6 + 4 * i])
+  local cap, charged = tonumber(ARGV[7 + 4 * i]), ARGV[8 + 4 * i] == '1'
+  local before = tonumber(redis.call('GET', tk) or '0')
+  local total, sp = before, -1
+  local r, s, st = lease(lk, owner)
+  if charged then
+    -- (a closing proxy tops up nothing: the spare it keeps pays for its instance's next start)
+    total, sp = charge(lk, total, cap, headroom, cost, close and 0 or target, field)
+    st = st + cost
+  end
+  if redis.call('HEXISTS', lk, owner) == 1 or charged then
     local keep = r
     if close then keep = spent elseif release > 0 then keep = math.max(spent, r - release) end
-    if keep < r then redis.call('DECRBY', tk, r - keep) end
-    redis.call('HSET', lk, owner, keep .. ' ' .. spent .. ' ' .. now .. ' ' .. (close and '1' or '0'))
+    total = total - (r - keep)
+    redis.call('HSET', lk, owner, keep .. ' ' .. spent .. ' ' .. now .. ' ' .. (close and '1' or '0') .. ' ' .. st)
     redis.call('EXPIRE', lk, ttl)
-    redis.call('EXPIRE', tk, ttl)
   end
-  out[i] = redis.call('HGETALL', lk)
+  if total ~= before then redis.call('SET', tk, total, 'EX', ttl) end
+  out[i] = {sp, redis.call('HGETALL', lk)}
 end
 return out
 """
@@ -107,6 +162,7 @@ class SyncRedis:
         self.server_hostname = server_hostname
         self.timeout = timeout
         self.on_command = on_command  # told the name of every command sent (billing, when upstream)
+        self.sent = 0  # commands sent so far (handshakes included)
         self.sock: socket.socket | None = None
 
     def _connect(self) -> socket.socket:
@@ -138,6 +194,7 @@ class SyncRedis:
 
     def _roundtrip(self, args: list[bytes]) -> Any:
         assert self.sock is not None
+        self.sent += 1
         if self.on_command is not None:
             self.on_command(args[0])
         self.sock.sendall(encode_command(args))
@@ -163,7 +220,10 @@ class SyncRedis:
 
 
 class SharedStore:
-    """The Store interface of proxy.store, with the cap leases in Redis (see the module docstring)."""
+    """The Store interface of proxy.store, with the cap leases in Redis (see the module docstring).
+
+    ``billed``: the state store is the upstream (``--state-url upstream``), so each call is paid from
+    the global caps set by :meth:`set_charged` (see CHARGE above)."""
 
     def __init__(
         self,
@@ -173,6 +233,8 @@ class SharedStore:
         clock: Callable[[], float] = time.time,
         prefix: bytes = b"respmeter:",
         push_every: float = PUSH_EVERY,
+        billed: bool = False,
+        instance: str = "",
     ) -> None:
         self.link = link
         self.local = local  # proxy.store.Store: counts, patterns, saved, and a copy of the leases
@@ -180,6 +242,7 @@ class SharedStore:
         self.prefix = prefix
         self.push_every = push_every
         self.owner = local.owner
+        self.instance = instance or local.owner
         self.refill_window = 120.0  # (proxy.limits: blocks grow while refills are closer than this)
         self.started = local.started
         self.mine: dict[tuple[str, str], int] = {}  # (win, scope) -> what this process spent
@@ -187,10 +250,37 @@ class SharedStore:
         self.healthy = True  # the last call to the state store succeeded
         self.failed_at = float("-inf")
         self._used: dict[tuple[str, str], tuple[float, Any]] = {}  # (win, scope) -> (when, HGETALL)
+        self.billed = billed
+        self.charged: dict[str, int] = {}  # win -> the global cap each call is paid from (billed)
+        self.spare: dict[str, int] = {}  # win -> this instance's spare there, as last seen
+        self.paid = 0  # link.sent already paid for
+        self.spare_field = b"~spare:" + self.instance.encode()
+        # a call costs 1, and the handshake when it reconnects: the spare pays for one such call
+        self.call_cost = 1 + len(link.handshake)
+        self.spare_target = self.call_cost + 1
+        self.headroom = HEADROOM
 
     def _keys(self, win: str, scope: str) -> tuple[bytes, bytes]:
         tail = f"{win}:{scope}".encode()
         return self.prefix + b"lease:" + tail, self.prefix + b"total:" + tail
+
+    # -- paying for the state calls (billed) --------------------------------------------------------
+    def set_charged(self, caps: dict[str, int]) -> None:
+        """The windows (win id -> global cap) a billed call is paid from (proxy.limits, at each
+        rollover)."""
+        self.charged = dict(caps)
+        self.spare = {w: n for w, n in self.spare.items() if w in caps}
+
+    def _cost(self) -> int:
+        """What the next call costs: itself, a reconnection's handshake, and sends not paid yet."""
+        return 1 + (0 if self.link.sock is not None else len(self.link.handshake)) + self.link.sent - self.paid
+
+    def affordable(self) -> bool:
+        """False when this instance's spare cannot pay for another call (its caps are reached)."""
+        if not self.billed:
+            return True
+        cost = self._cost()
+        return all(self.spare.get(w, cost) >= cost for w in self.charged)
 
     def _eval(self, script: bytes, keys: list[bytes], args: list[Any]) -> Any:
         try:
@@ -199,18 +289,43 @@ class SharedStore:
             self.healthy = False
             self.failed_at = self.clock()
             raise
+        self.paid = self.link.sent
         self.healthy = True
         return out
 
+    def _charge_args(self) -> list[Any]:
+        if not self.billed:
+            return [0, 0, b"", 0]
+        return [self._cost(), self.spare_target, self.spare_field, self.headroom]
+
+    def _with_charged(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``items`` and the global leases a billed call is paid from, when missing."""
+        if not self.billed:
+            return items
+        have = set(items)
+        return items + [(w, "") for w in self.charged if (w, "") not in have]
+
+    def _is_charged(self, win: str, scope: str) -> int:
+        return 1 if self.billed and scope == "" and win in self.charged else 0
+
     # -- leases --------------------------------------------------------------------------------------
     def reserve(self, wants: list[tuple[str, str, int, int]]) -> list[int]:
+        if not self.affordable():
+            return [0] * len(wants)  # (another call would pass the cap it would be paid from)
+        asked = {(w, s): (n, cap) for w, s, n, cap in wants}
+        items = self._with_charged([(w, s) for w, s, _, _ in wants])
         keys: list[bytes] = []
-        args: list[Any] = [self.owner, repr(self.clock()), TTL]
-        for win, scope, amount, cap in wants:
+        args: list[Any] = [self.owner, repr(self.clock()), TTL, *self._charge_args()]
+        for win, scope in items:
+            amount, cap = asked.get((win, scope), (0, self.charged.get(win, 0)))
             keys.extend(self._keys(win, scope))
-            args.extend((amount, cap))
+            args.extend((amount, cap, self._is_charged(win, scope)))
             self.mine.setdefault((win, scope), 0)
-        grants = [int(g) for g in self._eval(RESERVE, keys, args)]
+        out = self._eval(RESERVE, keys, args)
+        for (win, scope), (_, sp) in zip(items, out):
+            if sp >= 0:
+                self.spare[win] = int(sp)
+        grants = [int(g) for g, _ in out[: len(wants)]]
         # (the local copy keeps this process's own view for a report of the stopped proxy)
         self.local.reserve([(w, s, g, 1 << 62) for (w, s, _, _), g in zip(wants, grants)])
         return grants
@@ -226,7 +341,7 @@ class SharedStore:
             due = now - self.pushed_at >= self.push_every
         else:
             due = now - self.failed_at >= RETRY_EVERY  # (each try may block up to the timeout)
-        if release or due:
+        if (release or due) and self.affordable():
             rel = {(w, s): n for w, s, n in release}
             was = self.healthy
             try:
@@ -244,32 +359,38 @@ class SharedStore:
     def _push(self, rel: dict[tuple[str, str], int], close: bool) -> None:
         if not self.mine:
             return
+        items = self._with_charged(list(self.mine))
         keys: list[bytes] = []
-        args: list[Any] = [self.owner, repr(self.clock()), TTL, 1 if close else 0]
-        for (win, scope), n in self.mine.items():
+        args: list[Any] = [self.owner, repr(self.clock()), TTL, 1 if close else 0, *self._charge_args()]
+        for win, scope in items:
             keys.extend(self._keys(win, scope))
-            args.extend((n, rel.get((win, scope), 0)))
-        leases = self._eval(PUSH, keys, args)
+            args.extend((self.mine.get((win, scope), 0), rel.get((win, scope), 0), self.charged.get(win, 0),
+                         self._is_charged(win, scope)))
+        out = self._eval(PUSH, keys, args)
         self.pushed_at = now = self.clock()
-        for key, raw in zip(self.mine, leases):
-            self._used[key] = (now, raw)  # (usage is read with the push: no call of its own)
+        for (win, scope), (sp, raw) in zip(items, out):
+            if sp >= 0:
+                self.spare[win] = int(sp)
+            self._used[(win, scope)] = (now, raw)  # (usage is read with the push: no call of its own)
 
     def close_leases(self) -> None:
         self.local.close_leases()
+        if not self.affordable():
+            return  # (its blocks count as used until the window ends)
         try:
             self._push({}, close=True)
         except StateUnavailable:
             pass  # (unreachable at exit: its blocks count as used until the window ends)
 
     def used(self, win: str, scope: str, own_spent: int | None = None) -> int:
-        """The fleet's usage of a window: live proxies' spent, dead or closed ones' reserved (this
-        process's own spent as it is now)."""
+        """The fleet's usage of a window: live proxies' spent, dead or closed ones' reserved, and
+        the state commands each paid for (this process's own spent as it is now)."""
         lk, _ = self._keys(win, scope)
         now = self.clock()
         cached = self._used.get((win, scope))
-        if cached is not None and now - cached[0] < 2 * self.push_every:
+        if cached is not None and (now - cached[0] < 2 * self.push_every or self.billed):
             raw = cached[1]  # (from the last push: a scrape must not cost a state call, billed with upstream)
-        elif not self.healthy and now - self.failed_at < RETRY_EVERY:
+        elif self.billed or (not self.healthy and now - self.failed_at < RETRY_EVERY):
             return self.local.used(win, scope, own_spent)
         else:
             try:
@@ -281,16 +402,21 @@ class SharedStore:
                 return self.local.used(win, scope, own_spent)
             self._used[(win, scope)] = (now, raw)
         total = 0
+        seen = False
         for i in range(0, len(raw), 2):
             owner = raw[i].decode()
-            r, s, beat, closed = raw[i + 1].split()
+            if owner.startswith("~"):
+                continue  # (an instance's spare: reserved, not used)
+            r, s, beat, closed, *rest = raw[i + 1].split()
+            st = int(rest[0]) if rest else 0
             if owner == self.owner and own_spent is not None:
-                total += own_spent
+                total += own_spent + st
+                seen = True
             elif closed == b"1" or now - float(beat) >= DEAD_AFTER:
-                total += int(r)
+                total += int(r) + st
             else:
-                total += int(s)
-        if self.owner not in (raw[i].decode() for i in range(0, len(raw), 2)) and own_spent:
+                total += int(s) + st
+        if not seen and own_spent:
             total += own_spent
         return total
 

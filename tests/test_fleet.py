@@ -16,6 +16,8 @@ except ImportError:  # pragma: no cover
 
 from support import commandstats, commandstats_delta
 
+from proxy.sharedstore import HEADROOM
+
 CAP = 5000
 
 
@@ -147,31 +149,109 @@ def test_state_fail_open_serves_only_the_budget_held(redis_factory, proxy_factor
     assert status == 503 and "serving only the budget already held (--state-fail open)" in body
 
 
-def test_state_url_upstream_counts_the_state_commands(redis_factory, proxy_factory):
-    """--state-url upstream: the proxy's own state commands go to the upstream, are billed there, and
-    the proxy counts them (client respmeter) exactly as the server does."""
+# the commands the state scripts run inside the server: listed by INFO commandstats, but nobody sent
+# them and they are not billed (one EVAL is one command)
+INSIDE = {"get", "set", "hget", "hset", "hexists", "hincrby", "expire", "hgetall"}
+
+
+def _sent(obs, before) -> dict[str, int]:
+    delta = commandstats_delta(before, commandstats(obs))
+    delta.pop("info", None)
+    return {k: v for k, v in delta.items() if k not in INSIDE}
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["steady", "kill-9"])
+def test_state_url_upstream_pays_its_state_commands_from_the_cap(redis_factory, proxy_factory, kill):
+    """--state-url upstream: three proxies keep their leases in the upstream itself. Their state
+    commands are billed there, counted by the proxies exactly as the server does, and paid from
+    the same daily cap: clients' and state commands together never pass it, with or without two
+    of the proxies killed with -9 and started again."""
     upstream = redis_factory()
     obs = upstream.client()
     known = support.server_known_commands(obs)
     before = commandstats(obs)
-    proxy = proxy_factory(upstream, ["--state-url", "upstream", "--daily-cap", "300"])
-    c = proxy.client()
-    for _ in range(50):
-        c.incr("z")
-    time.sleep(0.2)
-    delta = commandstats_delta(before, commandstats(obs))
-    up = {k: int(v) for k, v in proxy.metric_sum("respmeter_upstream_commands_total").items() if v}
-    assert delta.get("eval", 0) >= 1
-    # what the proxy sent matches the server name by name; the server also lists the commands the
-    # scripts ran inside it (GET, INCRBY, HGET, HSET, EXPIRE), which nobody sent
-    inside = {"expire", "get", "hget", "hset"}
-    lua = {k: v for k, v in delta.items() if k in inside}
-    assert lua.get("hset", 0) <= delta["eval"]
-    server = {k: v for k, v in delta.items() if k not in inside}
-    server["incrby"] -= lua.get("hset", 0)  # (one INCRBY inside each reservation that granted)
-    support.assert_counts_match(up, server, known)
+    proxies = [proxy_factory(upstream, ["--state-url", "upstream", "--daily-cap", str(CAP)]) for _ in range(3)]
+    stop = threading.Event()
+    refused: list[int] = []
+    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
+    if kill:
+        time.sleep(0.3)
+        for p in proxies[:2]:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+        for p in proxies[:2]:
+            p.start()
+        threads += [t for p in proxies[:2] for t in _hammer(p, 20, stop, refused)]
+    for t in threads:
+        t.join(60)
+    stop.set()
+    sent = _sent(obs, before)
+    assert sent.get("eval", 0) >= 3
+    executed = sum(sent.values())
+    assert executed <= CAP, sent
+    # less by at most the blocks still held (cap/50 each, the killed ones' too), each instance's
+    # spare for its next state call (2) and the headroom kept for new instances' first calls
+    outstanding = (5 if kill else 3) * (100 + 2) + HEADROOM
+    assert executed >= CAP - outstanding, sent
+    if not kill:
+        # what the proxies say they sent upstream, their state commands included, is what the
+        # server executed, name by name (read again if a state call ran in between)
+        for _ in range(5):
+            server = _sent(obs, before)
+            up: dict[str, int] = {}
+            for p in proxies:
+                for k, v in p.metric_sum("respmeter_upstream_commands_total").items():
+                    up[k] = up.get(k, 0) + int(v)
+            if server == _sent(obs, before):
+                break
+        support.assert_counts_match({k: v for k, v in up.items() if v}, server, known)
+        # at the cap, a proxy whose spare cannot pay for another state call makes none
+        evals = server.get("eval", 0)
+        for p in proxies:
+            c = p.client()
+            for _ in range(30):
+                with pytest.raises(Exception, match="cap of 5000"):
+                    c.incr("n")
+            c.close()
+        assert _sent(obs, before).get("eval", 0) == evals
     keys = obs.keys("respmeter:total:day:*")
-    assert keys and 0 < int(obs.get(keys[0])) <= 300
+    assert len(keys) == 1 and executed <= int(obs.get(keys[0])) <= CAP
+
+
+def test_new_instances_at_the_cap_pay_their_first_call_from_the_headroom(redis_factory, tmp_path):
+    """A state store billed by the upstream: instances started after the cap is spent have no spare
+    to pay their first call with; the headroom set aside pays it, so the total stays within the
+    cap, and no block is granted from it."""
+    from proxy.sharedstore import SharedStore, SyncRedis
+    from proxy.store import Store
+
+    state = redis_factory()
+
+    def instance(name: str) -> SharedStore:
+        st = SharedStore(SyncRedis((state.host, state.port)), Store(tmp_path / name), billed=True, instance=name)
+        st.set_charged({"day:x": 200})
+        return st
+
+    early = instance("early")
+    assert early.reserve([("day:x", "", 10, 200)]) == [10] and early.spare["day:x"] == early.spare_target
+    first = instance("first")
+    granted = 10
+    calls = -1
+    while first.link.sent != calls:  # until its spare cannot pay for another call
+        calls = first.link.sent
+        granted += first.reserve([("day:x", "", 50, 200)])[0]
+    assert first.reserve([("day:x", "", 50, 200)]) == [0] and first.link.sent == calls
+    r = state.client()
+    assert granted <= 200 - HEADROOM
+    # a restarted instance (same name) pays its first call from the spare it had kept
+    boot = int(r.hget("respmeter:lease:day:x:", "~boot") or 0)
+    assert instance("early").reserve([("day:x", "", 50, 200)]) == [0]
+    assert int(r.hget("respmeter:lease:day:x:", "~boot") or 0) == boot
+    # new instances have none: the headroom pays theirs
+    late = [instance(f"late{i}") for i in range(HEADROOM)]
+    assert all(st.reserve([("day:x", "", 50, 200)]) == [0] for st in late)
+    assert int(r.get("respmeter:total:day:x:")) <= 200
+    assert int(r.hget("respmeter:lease:day:x:", "~boot")) <= HEADROOM
 
 
 def test_day_rollover_across_two_proxies_with_an_injected_clock(redis_factory, tmp_path):
