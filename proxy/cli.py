@@ -140,8 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Celery, kombu, redis-py, ...) and the settings that cut it. Reads a running proxy's "
                         "admin API, or with --state-dir the state of a stopped one (today's counts).")
     _add_source_args(rp)
-    rp.add_argument("--window", default="10m", help="measure over this much recent traffic (live proxy): "
-                    "90s, 10m, 2h, 1d [default 10m]")
+    rp.add_argument("--window", default=None, help="measure over this much recent traffic (live proxy): "
+                    "90s, 10m, 2h, 1d [default 10m]; this proxy's own traffic, even with --state-url")
+    scope = rp.add_mutually_exclusive_group()
+    scope.add_argument("--fleet", action="store_const", const="fleet", dest="scope",
+                       help="today's traffic of every proxy sharing the running proxy's --state-url, per instance "
+                       "[the default for such a proxy, unless --window is given]")
+    scope.add_argument("--local", action="store_const", const="local", dest="scope",
+                       help="only the running proxy's own live traffic")
     rp.add_argument("--rows", type=int, default=25, help="table rows to print [default 25]")
     tp = sub.add_parser("top", help="live view of commands/s, usage and rejections",
                         description="A live terminal view refreshed every second: commands/s by command and by "
@@ -273,9 +279,20 @@ def fetch_json(admin: str, path: str) -> Any:
     url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}{path}"
     from .admin import client_headers
 
+    import urllib.error
+
     req = urllib.request.Request(url, headers=client_headers())
-    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the admin endpoint
-        return json.load(resp)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - the admin endpoint
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.load(exc)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "error" in body:
+            return body  # (the endpoint's own words: the caller says them)
+        raise
 
 
 def offline_limits(ns: argparse.Namespace) -> Any:
@@ -334,13 +351,18 @@ def report_command(ns: argparse.Namespace) -> int:
     from .report import format_report
 
     try:
-        window = parse_duration(ns.window)
+        window = parse_duration(ns.window or "10m")
+        if ns.state_dir and ns.scope == "fleet":
+            raise ConfigError("--fleet reads a running proxy's shared state store: use --admin, not --state-dir")
         if ns.state_dir:
             limits = offline_limits(ns)
             usage = limits.snapshot_readonly()
             traffic = stored_traffic(limits.store, limits)
         else:
-            traffic = fetch_json(ns.admin, "/api/traffic?window=" + urllib.parse.quote(str(window)))
+            scope = ns.scope or ("local" if ns.window else "auto")
+            traffic = fetch_json(ns.admin, "/api/traffic?" + urllib.parse.urlencode({"window": window, "scope": scope}))
+            if "error" in traffic:
+                raise ConfigError(traffic["error"])
             usage = fetch_json(ns.admin, "/api/usage")
     except (ConfigError, ValueError) as exc:
         print(f"respmeter: {exc}", file=sys.stderr)
@@ -703,12 +725,25 @@ class App:
         admin.add_route("/api/usage", api_usage)
 
         async def api_patterns(query: dict[str, list[str]]) -> Any:
-            from .explain import live_traffic
+            from .explain import fleet_traffic, live_traffic
+            from .store import StateUnavailable
 
             try:
                 window = parse_duration(query.get("window", ["10m"])[0])
             except ValueError as exc:
                 return json_response({"error": str(exc)}, 400)
+            scope = query.get("scope", ["auto"])[0]
+            shared = hasattr(limits.store, "fleet_traffic")
+            if scope not in ("auto", "fleet", "local"):
+                return json_response({"error": f"scope: {scope!r} is not auto, fleet or local"}, 400)
+            if scope == "fleet" and not shared:
+                return json_response({"error": "this proxy has no --state-url: there is no fleet to report"}, 400)
+            if shared and scope != "local":
+                try:
+                    limits.flush()  # (this proxy's latest counts go with the same call)
+                    return json_response(fleet_traffic(limits.store, limits))
+                except StateUnavailable as exc:
+                    return json_response({"error": f"the fleet's traffic cannot be read: {exc}"}, 503)
             return json_response(live_traffic(stats, limits, window, savers=savers.enabled if savers is not None else ()))
 
         admin.add_route("/api/traffic", api_patterns)

@@ -236,6 +236,7 @@ def build_report(
                 **_rates(r["count"], span),
                 "share": round(r["count"] / total, 4) if total else 0.0,
                 "source": sid,
+                **({"instance": r["instance"]} if "instance" in r else {}),
             }
         )
     by_id = {s.id: s for s in sources}
@@ -283,6 +284,7 @@ def build_report(
             "per_day": round(per_day),
             "commands": sorted({r["command"] for r in f["rows"]}),
             "clients": sorted({r["client"] for r in f["rows"]}),
+            **({"instances": sorted({r["instance"] for r in f["rows"]})} if "instances" in traffic else {}),
             "knobs": knobs,
             "notes": list(s.notes),
         }
@@ -339,6 +341,8 @@ def build_report(
         "start": _iso(traffic.get("measured_from")),
         "end": _iso(traffic.get("measured_until")),
     }
+    if "instances" in traffic:
+        window["instances"] = traffic["instances"]
     shown = [
         {"client": client, "software": e.name, "seen": found_seen[e.id]}
         for client, found_seen in sorted(seen.items())
@@ -505,3 +509,29 @@ def stored_traffic(store: Any, limits: Any) -> dict[str, Any]:
     return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "state",
             "measured_from": first, "measured_until": last, "saved": saved,
             "saved_measured_seconds": round(max(span, 1.0), 1), "savers": None}
+
+
+def fleet_traffic(store: Any, limits: Any) -> dict[str, Any]:
+    """The traffic table of the whole fleet sharing a state store (--state-url): today's counts of
+    every instance, each row naming its instance, over the time the instances ran today."""
+    win = limits.win_ids["daily"]
+    data = store.fleet_traffic(win)
+    rows = [{"client": c, "command": cmd, "pattern": pat, "count": n, "instance": inst}
+            for inst, c, cmd, pat, n, _, _ in data["patterns"]]
+    rows.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["pattern"], r["instance"]))
+    saved = [{"client": c, "command": cmd, "saver": sv, "count": n, "instance": inst}
+             for inst, c, cmd, sv, n, _, _ in data["saved"]]
+    saved.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["saver"], r["instance"]))
+    day_start = limits.bounds["daily"][0]
+    spans = {inst: (max(a, day_start), b) for inst, (a, b) in data["alive"].items() if b >= day_start}
+    for _, _, _, _, _, f, la in data["patterns"] + data["saved"]:
+        spans.setdefault("?", (f, la))
+    first = min((a for a, _ in spans.values()), default=None)
+    last = max((b for _, b in spans.values()), default=None)
+    span = (last - first) if first is not None and last is not None else 0.0
+    instances = {inst: {"first_seen": _iso(a), "last_push": _iso(b),
+                        "commands": sum(r["count"] for r in rows if r["instance"] == inst)}
+                 for inst, (a, b) in sorted(spans.items()) if inst != "?"}
+    return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "fleet",
+            "measured_from": first, "measured_until": last, "saved": saved,
+            "saved_measured_seconds": round(max(span, 1.0), 1), "savers": None, "instances": instances}

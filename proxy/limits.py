@@ -166,7 +166,8 @@ class Limits:
         self.bounds = {w: (b[w][1], b[w][2]) for w in WINDOWS}
         self.next_reset = min(b[w][2] for w in WINDOWS)
         if hasattr(self.store, "set_charged"):  # (a shared store billed by the upstream pays its calls from these)
-            self.store.set_charged({self.win_ids[w]: getattr(self.caps, w) for w in WINDOWS if getattr(self.caps, w)})
+            self.store.set_charged({self.win_ids[w]: getattr(self.caps, w) for w in WINDOWS if getattr(self.caps, w)},
+                                   [self.win_ids[w] for w in WINDOWS])
         # pools of windows that ended are dropped (their unspent budget was released above)
         self._pools = {k: p for k, p in self._pools.items() if p.win_id == self.win_ids[p.window]}
         self._client_pools.clear()

@@ -77,7 +77,14 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
     """The traffic breakdown a user can act on (``respmeter report``)."""
     t = rep["totals"]
     w = rep["window"]
-    src = "live, last " + _dur(w["requested_seconds"]) if w["from"] == "live" else "state directory, today"
+    if w["from"] == "live":
+        src = "live, last " + _dur(w["requested_seconds"])
+    elif w["from"] == "fleet":
+        n = len(w.get("instances") or {})
+        src = f"fleet of {n} instance{'s' if n != 1 else ''} sharing the state store, today"
+    else:
+        src = "state directory, today"
+    fleet = w["from"] == "fleet"
     # one projection: the measured rate carried to a day and a month; the caps say when that rate reaches them
     lines = [
         f"respmeter report ({src}; measured over {_dur(w['measured_seconds'])})",
@@ -116,6 +123,8 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
         for s in rep["sources"]:
             est = f"  (~{s['instances_estimate']} instance(s))" if s.get("instances_estimate") else ""
             lines.append(f"  {100 * s['share']:5.1f}%  {s['per_day']:>10,}/day  {s['name']}{est}")
+            if s.get("instances"):
+                lines.append(f"  {'':>6}  {'':>14}from {', '.join(s['instances'])}")
         if rep["unrecognised"]["count"]:
             u = rep["unrecognised"]
             lines.append(f"  {100 * u['share']:5.1f}%  {'':>10}      unrecognised (see the table)")
@@ -143,12 +152,20 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
         for x in rep["ineffective_settings"]:
             lines.append(f"  - {x['setting']}: {x['fact']}")
         lines.append("")
-    lines.append(f"{'share':>6} {'/min':>8} {'/hour':>9} {'/day':>10}  {'command':<16} {'key pattern':<40} {'client':<12} source")
+    if fleet:
+        lines.append("Instances:")
+        for inst, i in (w.get("instances") or {}).items():
+            lines.append(f"  {inst}: {i['commands']:,} commands today (last pushed {when(i['last_push'])})")
+        lines.append("")
+    inst_head = f" {'instance':<16}" if fleet else ""
+    lines.append(f"{'share':>6} {'/min':>8} {'/hour':>9} {'/day':>10}  {'command':<16} {'key pattern':<40} {'client':<12}"
+                 f"{inst_head} source")
     for r in rep["rows"][:limit]:
         pat = r["pattern"] if len(r["pattern"]) <= 40 else r["pattern"][:39] + "…"
+        inst = f" {r.get('instance', '')[:16]:<16}" if fleet else ""
         lines.append(
             f"{100 * r['share']:5.1f}% {_rate(r['per_minute']):>8} {_rate(r['per_hour']):>9} {r['per_day']:>10,}  "
-            f"{r['command']:<16} {pat:<40} {r['client'][:12]:<12} {r['source'] or 'UNRECOGNISED'}"
+            f"{r['command']:<16} {pat:<40} {r['client'][:12]:<12}{inst} {r['source'] or 'UNRECOGNISED'}"
         )
     if len(rep["rows"]) > limit:
         lines.append(f"... {len(rep['rows']) - limit} more rows (--rows N, or --json)")

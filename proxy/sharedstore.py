@@ -18,6 +18,7 @@ the caller fails closed.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
@@ -35,10 +36,12 @@ log = logging.getLogger("respmeter.state")
 TTL = 40 * 86400  # seconds a window's keys outlive their last write (longer than any window)
 DEAD_AFTER = 180.0  # seconds without a push before another proxy's lease counts as dead (all used)
 RETRY_EVERY = 5.0  # seconds between tries of an unreachable state store (each may block up to its timeout)
-PUSH_EVERY = 60.0
+PUSH_EVERY = 60.0  # seconds between pushes of what this process spent (and its heartbeat)
 # with --state-url upstream: budget of each window set aside for the first state call of instances
 # new in it, once the rest is spent (the cap is reached; see CHARGE); at most a tenth of the cap
-HEADROOM = 16  # seconds between pushes of what this process spent (and its heartbeat)
+HEADROOM = 16
+SEP = "\x1f"  # between the parts of a traffic hash's field: instance, client, command, pattern or saver
+TRAFFIC = ("patterns", "saved", "alive")
 
 # With --state-url upstream, every state command is billed like a client's: each script is paid
 # from the global caps (scope ''), in the same script. A proxy pays its next call ahead: each script
@@ -110,17 +113,22 @@ end
 return out
 """
 
-# KEYS as RESERVE; ARGV: owner, now, ttl, close (1: give back everything unspent), cost, spare
-# target, spare field, headroom, then (spent, release, cap, charged) per lease. Returns (spare or -1, the lease
-# hash as it is then: the fleet's usage, read in the same call) per lease.
+# KEYS: (lease hash, reserved total) per lease, then the traffic hashes; ARGV: owner, now, ttl,
+# close (1: give back everything unspent), cost, spare target, spare field, headroom, number of
+# leases, then (spent, release, cap, charged) per lease, then the traffic as JSON: "c" (key index,
+# field, n) added to counts, "p" (key index, field, n, first, last) merged into "n first last"
+# values (key patterns, saved commands, alive spans), "r" key indexes to read back. Returns (spare
+# or -1, the lease hash as it is then: the fleet's usage, read in the same call) per lease, then
+# the hashes read back.
 PUSH = CHARGE + b"""
 local owner, now, ttl, close = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local cost, target, field, headroom = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local nl = tonumber(ARGV[9])
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, nl do
   local lk, tk = KEYS[2 * i - 1], KEYS[2 * i]
-  local spent, release = tonumber(ARGV[5 + 4 * i]), tonumber(ARGV[6 + 4 * i])
-  local cap, charged = tonumber(ARGV[7 + 4 * i]), ARGV[8 + 4 * i] == '1'
+  local spent, release = tonumber(ARGV[6 + 4 * i]), tonumber(ARGV[7 + 4 * i])
+  local cap, charged = tonumber(ARGV[8 + 4 * i]), ARGV[9 + 4 * i] == '1'
   local before = tonumber(redis.call('GET', tk) or '0')
   local total, sp = before, -1
   local r, s, st = lease(lk, owner)
@@ -139,6 +147,21 @@ for i = 1, #KEYS / 2 do
   if total ~= before then redis.call('SET', tk, total, 'EX', ttl) end
   out[i] = {sp, redis.call('HGETALL', lk)}
 end
+local data = cjson.decode(ARGV[10 + 4 * nl])
+for _, c in ipairs(data.c) do redis.call('HINCRBY', KEYS[c[1]], c[2], c[3]) end
+for _, c in ipairs(data.p) do
+  local k, f, n, a, b = KEYS[c[1]], c[2], c[3], c[4], c[5]
+  local v = redis.call('HGET', k, f)
+  if v then
+    local x, y, z = string.match(v, '^(%d+) (%S+) (%S+)')
+    n, a, b = n + tonumber(x), math.min(a, tonumber(y)), math.max(b, tonumber(z))
+  end
+  redis.call('HSET', k, f, string.format('%d %.3f %.3f', n, a, b))
+end
+for i = 2 * nl + 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+local back = {}
+for _, k in ipairs(data.r) do back[#back + 1] = redis.call('HGETALL', KEYS[k]) end
+out[nl + 1] = back
 return out
 """
 
@@ -258,6 +281,11 @@ class SharedStore:
         # a call costs 1, and the handshake when it reconnects: the spare pays for one such call
         self.call_cost = 1 + len(link.handshake)
         self.spare_target = self.call_cost + 1
+        # traffic not pushed yet: ("counts", win, client, cmd) -> n; ("patterns"|"saved", win, client,
+        # cmd, pattern|saver) -> [n, first, last]
+        self.pending: dict[tuple[str, ...], Any] = {}
+        self.current: list[str] = []  # the current windows' ids (proxy.limits, at each rollover)
+        self._fleet_counts: dict[str, dict[tuple[str, str], int]] = {}  # win -> fleet's counts at the last push
         self.headroom = HEADROOM
 
     def _keys(self, win: str, scope: str) -> tuple[bytes, bytes]:
@@ -265,10 +293,12 @@ class SharedStore:
         return self.prefix + b"lease:" + tail, self.prefix + b"total:" + tail
 
     # -- paying for the state calls (billed) --------------------------------------------------------
-    def set_charged(self, caps: dict[str, int]) -> None:
-        """The windows (win id -> global cap) a billed call is paid from (proxy.limits, at each
-        rollover)."""
+    def set_charged(self, caps: dict[str, int], current: list[str] = ()) -> None:
+        """The current windows, and those (win id -> global cap) a billed call is paid from
+        (proxy.limits, at each rollover)."""
         self.charged = dict(caps)
+        self.current = list(current) or list(caps)
+        self._fleet_counts = {w: c for w, c in self._fleet_counts.items() if w in self.current}
         self.spare = {w: n for w, n in self.spare.items() if w in caps}
 
     def _cost(self) -> int:
@@ -333,7 +363,15 @@ class SharedStore:
     def flush(self, spent: Any, counts: Any = (), patterns: Any = (), release: Any = (), saved: Any = ()) -> None:
         spent = list(spent)
         release = list(release)
+        counts, patterns, saved = list(counts), list(patterns), list(saved)
         self.local.flush(spent, counts, patterns, release, saved)
+        for win, client, cmd, n in counts:
+            self._pend(("counts", win, client, cmd), n)
+        # (key patterns and saved commands: the day's, for the report)
+        for kind, rows in (("patterns", patterns), ("saved", saved)):
+            for win, client, cmd, what, n, first, last in rows:
+                if win.startswith("day:"):
+                    self._pend((kind, win, client, cmd, what), [n, first, last])
         for win, scope, n in spent:
             self.mine[(win, scope)] = n
         now = self.clock()
@@ -356,22 +394,87 @@ class SharedStore:
             current = {(w, sc) for w, sc, _ in spent}
             self.mine = {k: v for k, v in self.mine.items() if k in current}
 
-    def _push(self, rel: dict[tuple[str, str], int], close: bool) -> None:
-        if not self.mine:
-            return
+    def _push(self, rel: dict[tuple[str, str], int], close: bool, read: tuple[str, ...] = ()) -> list[Any]:
+        """Push what this process spent and its traffic since the last push; read back the fleet's
+        counts of the current windows and the traffic hashes of the windows in ``read``."""
+        if not self.mine and not self.pending and not read:
+            return []
         items = self._with_charged(list(self.mine))
         keys: list[bytes] = []
-        args: list[Any] = [self.owner, repr(self.clock()), TTL, 1 if close else 0, *self._charge_args()]
+        args: list[Any] = [self.owner, repr(self.clock()), TTL, 1 if close else 0, *self._charge_args(), len(items)]
         for win, scope in items:
             keys.extend(self._keys(win, scope))
             args.extend((self.mine.get((win, scope), 0), rel.get((win, scope), 0), self.charged.get(win, 0),
                          self._is_charged(win, scope)))
-        out = self._eval(PUSH, keys, args)
+        index: dict[bytes, int] = {}
+
+        def key(kind: str, win: str) -> int:
+            k = self.prefix + f"{kind}:{win}".encode()
+            if k not in index:
+                keys.append(k)
+                index[k] = len(keys)
+            return index[k]
+
+        now = self.clock()
+        data: dict[str, list[Any]] = {"c": [], "p": [], "r": []}
+        pending = self.pending
+        for (kind, win, *parts), v in pending.items():
+            field = SEP.join((self.instance, *parts))
+            if kind == "counts":
+                data["c"].append((key(kind, win), field, v))
+            else:
+                data["p"].append((key(kind, win), field, *v))
+        for win in self.current:
+            data["p"].append((key("alive", win), self.instance, 1, self.started, now))
+        reads = [("counts", w) for w in self.current] + [(k, w) for w in read for k in TRAFFIC]
+        data["r"] = [key(kind, win) for kind, win in reads]
+        args.append(json.dumps(data, separators=(",", ":")))
+        self.pending = {}
+        try:
+            out = self._eval(PUSH, keys, args)
+        except StateUnavailable:
+            for k, v in pending.items():  # (pushed again next time)
+                self._pend(k, v)
+            raise
         self.pushed_at = now = self.clock()
         for (win, scope), (sp, raw) in zip(items, out):
             if sp >= 0:
                 self.spare[win] = int(sp)
             self._used[(win, scope)] = (now, raw)  # (usage is read with the push: no call of its own)
+        back = dict(zip(reads, out[len(items)]))
+        for (kind, win), raw in back.items():
+            if kind == "counts":
+                fleet: dict[tuple[str, str], int] = {}
+                for i in range(0, len(raw), 2):
+                    _, client, cmd = raw[i].decode().split(SEP, 2)
+                    fleet[(client, cmd)] = fleet.get((client, cmd), 0) + int(raw[i + 1])
+                self._fleet_counts[win] = fleet
+        return [back.get((k, w), []) for w in read for k in TRAFFIC]
+
+    def _pend(self, key: tuple[str, ...], v: Any) -> None:
+        if key[0] == "counts":
+            self.pending[key] = self.pending.get(key, 0) + v
+            return
+        had = self.pending.get(key)
+        self.pending[key] = v if had is None else [had[0] + v[0], min(had[1], v[1]), max(had[2], v[2])]
+
+    # -- the fleet's traffic -------------------------------------------------------------------------
+    def fleet_traffic(self, win: str) -> dict[str, Any]:
+        """The fleet's key-pattern counts, saved commands and alive spans of ``win``, per instance
+        (what this process has not pushed yet is pushed first, in the same call)."""
+        if not self.affordable():
+            raise StateUnavailable("the cap is reached: reading the fleet's traffic would pass it")
+        patterns, saved, alive = self._push({}, close=False, read=(win,))
+        out: dict[str, Any] = {"patterns": [], "saved": [], "alive": {}}
+        for rows, raw in (("patterns", patterns), ("saved", saved)):
+            for i in range(0, len(raw), 2):
+                inst, client, cmd, what = raw[i].decode().split(SEP, 3)
+                n, first, last = raw[i + 1].split()
+                out[rows].append((inst, client, cmd, what, int(n), float(first), float(last)))
+        for i in range(0, len(alive), 2):
+            _, first, last = alive[i + 1].split()
+            out["alive"][alive[i].decode()] = (float(first), float(last))
+        return out
 
     def close_leases(self) -> None:
         self.local.close_leases()
@@ -425,7 +528,16 @@ class SharedStore:
         return self.local.scopes(win)
 
     def counts(self, win: str) -> Any:
-        return self.local.counts(win)
+        """The fleet's counts (client, command) -> n of ``win``, as of the last push, with what this
+        process counted since; this instance's alone before the first push."""
+        fleet = self._fleet_counts.get(win)
+        if fleet is None:
+            return self.local.counts(win)
+        out = dict(fleet)
+        for (kind, w, *parts), n in self.pending.items():
+            if kind == "counts" and w == win:
+                out[(parts[0], parts[1])] = out.get((parts[0], parts[1]), 0) + n
+        return out
 
     def patterns(self, win: str) -> Any:
         return self.local.patterns(win)

@@ -303,3 +303,60 @@ def test_day_rollover_across_two_proxies_with_an_injected_clock(redis_factory, t
     assert int(r.get("respmeter:total:month:2026-11:")) == 60
     assert 0 < r.ttl("respmeter:total:day:2026-11-25:") <= 40 * 86400
     assert a.limits.used("monthly") == 60 and b.limits.used("daily") == 30
+
+
+def test_report_against_the_fleet_names_sources_and_instances(redis_factory, proxy_factory):
+    """Two proxies (instances "web" and "worker") share a state Redis: ``respmeter report`` against
+    either one explains the whole fleet's traffic, each source and row naming the instance it comes
+    from, and /api/usage counts the fleet's commands."""
+    import json
+    import subprocess
+    import sys
+
+    upstream, state = redis_factory(), redis_factory()
+    web = proxy_factory(upstream, ["--state-url", state.url, "--instance", "web", "--daily-cap", "100000"])
+    worker = proxy_factory(upstream, ["--state-url", state.url, "--instance", "worker", "--daily-cap", "100000"])
+    w = worker.client()
+    for _ in range(30):
+        w.publish("/0.celeryev/worker.heartbeat", "{}")
+    for _ in range(2):
+        w.brpop(["celery"], timeout=0.1)
+    c = web.client()
+    for i in range(40):
+        c.get(f"session:{i}")
+    w.close()
+    worker.terminate(timeout=10)  # (a running one pushes every minute; a stopping one at once)
+
+    def report(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "proxy", "report", "--admin", f"127.0.0.1:{web.admin_port}",
+                               *args], cwd=support.REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+    r = report("--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["window"]["from"] == "fleet"
+    assert set(rep["window"]["instances"]) == {"web", "worker"}
+    assert rep["window"]["instances"]["web"]["commands"] >= 40
+    heartbeat = next(s for s in rep["sources"] if s["id"] == "celery.heartbeat")
+    assert heartbeat["count"] == 30 and heartbeat["instances"] == ["worker"]
+    polling = next(s for s in rep["sources"] if s["id"] == "celery.broker_polling")
+    assert polling["count"] == 2 and polling["instances"] == ["worker"]
+    gets = [row for row in rep["rows"] if row["command"] == "get"]
+    assert gets and all(row["instance"] == "web" for row in gets) and sum(row["count"] for row in gets) == 40
+    # the fleet's usage by command: the worker's PUBLISHes, read back by web's push
+    usage = json.loads(urlopen_json(web, "/api/usage"))
+    assert usage["windows"]["daily"]["commands"]["publish"] == 30
+    assert usage["windows"]["daily"]["commands"]["get"] == 40
+    text = report()
+    assert text.returncode == 0, text.stderr
+    assert "fleet of 2 instances" in text.stdout and "from worker" in text.stdout, text.stdout
+    # this proxy's own live window on demand
+    local = json.loads(report("--local", "--json").stdout)
+    assert local["window"]["from"] == "live" and all("instance" not in row for row in local["rows"])
+
+
+def urlopen_json(proxy, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}{path}", timeout=10) as resp:
+        return resp.read().decode()
