@@ -58,7 +58,7 @@ SHAPES = [
     ("c1", ["-c", "1"], 4_000),
 ]
 TESTS = ["SET", "GET"]
-TARGET_NAMES = ["direct", "proxy", "twem"]
+TARGET_NAMES = ["direct", "proxy", "pool", "twem"]
 
 
 from harness import FORBIDDEN_PORTS, Procs, free_port, ready  # noqa: E402
@@ -191,9 +191,11 @@ def fmt_ratio(v: float | None) -> str:
 
 
 def print_table(rows: list[dict], out) -> None:
-    head = ["shape", "test", "direct rps", "proxy rps", "proxy/direct", "twemproxy rps", "twem/direct"]
+    head = ["shape", "test", "direct rps", "proxy rps", "proxy/direct", "pool rps", "pool/direct", "twemproxy rps",
+            "twem/direct", "proxy/twem", "pool/twem"]
     body = [[r["shape"], r["test"], fmt_rps(r["direct"]), fmt_rps(r["proxy"]), fmt_ratio(r["proxy_ratio"]),
-             fmt_rps(r["twem"]), fmt_ratio(r["twem_ratio"])] for r in rows]
+             fmt_rps(r.get("pool")), fmt_ratio(r.get("pool_ratio")), fmt_rps(r["twem"]), fmt_ratio(r["twem_ratio"]),
+             fmt_ratio(r.get("proxy_twem")), fmt_ratio(r.get("pool_twem"))] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     for i, line in enumerate([head, *body]):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))), file=out)
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
     ap.add_argument("--with-forwarder", action="store_true",
                     help="also run bench/forwarder.py: a zero-work Python pass-through, the ceiling of this architecture")
+    ap.add_argument("--pool", type=int, default=1, metavar="N",
+                    help="also run respmeter with --upstream-pool N (its ratios to twemproxy are the pool's "
+                         "record); 0: skip [%(default)s]")
     ap.add_argument("--compare-tracking", action="store_true",
                     help="also run a proxy with --track-patterns false and report tracking on / off")
     args = ap.parse_args(argv)
@@ -278,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                 return port
 
             targets["forwarder"] = retry(start_forwarder, "starting the forwarder")
+        if args.pool:
+            pool_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
+                                                     [*extra_proxy, "--upstream-pool", str(args.pool)], args.proxy_dir),
+                                 "starting the pooled proxy")
+            targets["pool"] = pool_port
         if args.compare_tracking:
             nt_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
                                                    [*extra_proxy, "--track-patterns", "false"], args.proxy_dir),
@@ -337,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             d = med["direct"]
             rows.append({
                 "shape": shape, "test": test,
-                "direct": d, "proxy": med["proxy"], "twem": med["twem"],
+                "direct": d, "proxy": med["proxy"], "pool": med["pool"], "twem": med["twem"],
                 "proxy_ratio": med["proxy"] / d if d and med["proxy"] is not None else None,
+                "pool_ratio": med["pool"] / d if d and med["pool"] is not None else None,
                 "twem_ratio": med["twem"] / d if d and med["twem"] is not None else None,
+                # the record of each mode against twemproxy, in the same run
+                "proxy_twem": med["proxy"] / med["twem"] if med["twem"] and med["proxy"] is not None else None,
+                "pool_twem": med["pool"] / med["twem"] if med["twem"] and med["pool"] is not None else None,
                 "samples": {t: results.get((shape, test, t), []) for t in TARGET_NAMES},
                 "n": {t: ns.get((shape, t)) for t in TARGET_NAMES},
             })

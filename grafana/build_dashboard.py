@@ -446,11 +446,17 @@ def panels() -> list[dict]:
     # -- connections and bytes ------------------------------------------------------------------
     ps.append(row(nid(), "Connections and bytes", 65))
     ps.append(timeseries(
-        nid(), "Open client connections",
-        "Client connections open now, stacked by proxy instance.",
+        nid(), "Open connections",
+        "Client connections open now, and upstream connections: each client's own and, with "
+        "--upstream-pool N, the N shared per protocol; pinned: pooled clients that left the pool for a "
+        "connection of their own (a blocking, pub/sub or transaction command). All proxy instances.",
         (0, 66, 8, 8),
-        [target("A", f"sum by (instance) (respmeter_client_connections{{{SEL}}})", "{{instance}}")],
-        unit="short", stacked=True,
+        [
+            target("A", f"sum(respmeter_client_connections{{{SEL}}})", "clients"),
+            target("B", f"sum(respmeter_upstream_connections{{{SEL}}})", "upstream"),
+            target("C", f"sum(respmeter_pinned_clients{{{SEL}}})", "pinned clients"),
+        ],
+        unit="short",
     ))
     ps.append(timeseries(
         nid(), "New connections and push messages /s",

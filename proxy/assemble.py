@@ -105,3 +105,14 @@ def savers(opts: dict[str, Any], settings: Any, stats: Any, book: Any, limits: A
         config, stats, handshake=book, call_later=lambda d, fn: loop.call_later(d, fn), control=control,
         budget=limits, keepalive=settings.keepalive is not None,
     )
+
+
+def pool(size: int, settings: Any, stats: Any, health: Any, book: Any, gate: Any, limits: Any, loop: Any) -> Any:
+    """--upstream-pool N: the shared upstream connections (proxy.pool), and the gate's part in it:
+    the commands that pin a client or are answered for it never take the session's fast path."""
+    from .pool import UpstreamPool, slow_names
+
+    p = UpstreamPool(size, settings, stats, health, book, gate.upstream_auth, limits=limits, loop=loop)
+    gate.pool = p
+    gate.slow_names = gate.slow_names | slow_names()
+    return p

@@ -708,6 +708,9 @@ class App:
             commands=self.command_policy,
         )
         settings.policy = gate
+        if opts["upstream_pool"]:
+            settings.pool = assemble.pool(opts["upstream_pool"], settings, stats, health, book, gate, limits, loop)
+            self.log.info("upstream pool: %d shared connection(s) per protocol (--upstream-pool)", opts["upstream_pool"])
         if savers is not None:
             self.log.info("savers: %s", savers.config.describe())
         if self.command_policy is not None:

@@ -50,8 +50,9 @@ from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
 from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
 
-TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands", "savers", "state"}
+TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands", "savers", "state", "upstream"}
 STATE_KEYS = {"url": "state_url", "fail": "state_fail", "instance": "instance"}
+UPSTREAM_KEYS = {"pool": "upstream_pool"}
 # [savers] keys -> run options
 SAVERS_KEYS = {"enable": "savers", "hold": "saver_hold", "recheck": "saver_recheck",
                "channels": "saver_channels", "sweep_every": "saver_sweep_every"}
@@ -60,7 +61,7 @@ CAP_KEYS = {"daily", "monthly", "timezone", "on_cap", "clients"}
 RULE_KEYS = {"name", "client", "command", "rate", "burst", "action", "max_queue"}
 # options that only make sense on the command line, or live in their own sections
 NOT_IN_PROXY = {"config", "daily_cap", "monthly_cap", "client_cap", "cap_timezone", "on_cap", "rate_limit",
-                "deny_commands", *SAVERS_KEYS.values(), *STATE_KEYS.values()}
+                "deny_commands", *SAVERS_KEYS.values(), *STATE_KEYS.values(), *UPSTREAM_KEYS.values()}
 
 
 @dataclass
@@ -320,19 +321,20 @@ def load_config(path: str) -> FileConfig:
         except (ValueError, argparse.ArgumentTypeError) as exc:
             ck.problem(["savers", key], str(exc))
 
-    state = data.get("state", {})
-    if not isinstance(state, dict):
-        ck.problem(["state"], "must be a table")
-        state = {}
-    for key, value in state.items():
-        dest = STATE_KEYS.get(key)
-        if dest is None:
-            ck.problem(["state", key], f"unknown key (expected one of: {', '.join(sorted(STATE_KEYS))})")
-            continue
-        try:
-            cfg.values[dest] = _convert(options[dest], value)
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            ck.problem(["state", key], str(exc))
+    for section, keys in (("state", STATE_KEYS), ("upstream", UPSTREAM_KEYS)):
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            ck.problem([section], "must be a table")
+            table = {}
+        for key, value in table.items():
+            dest = keys.get(key)
+            if dest is None:
+                ck.problem([section, key], f"unknown key (expected one of: {', '.join(sorted(keys))})")
+                continue
+            try:
+                cfg.values[dest] = _convert(options[dest], value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                ck.problem([section, key], str(exc))
 
     listens = cfg.values.get("listen") or []
     try:

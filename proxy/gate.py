@@ -25,6 +25,7 @@ from .auth import (
 from . import commands as cmdtable
 from .commandpolicy import CommandPolicy
 from .paths import BLOCKING_NAMES
+from .pool import admit as pool_admit
 from .resp import encode_command, encode_error
 from .session import Admission, Session
 
@@ -75,6 +76,7 @@ class Gate:
         # per address, sessions waiting for budget to start their check (first come, first woken)
         self._parked: dict[str, dict[Session, None]] = {}
         self.commands = commands if commands else None
+        self.pool: Any = None  # proxy.pool.UpstreamPool (--upstream-pool N; set by proxy.assemble)
         # Names the session must hand to ``admit`` one by one, never forward on its fast path (a
         # Session takes them from its policy: proxy.paths.fast_sets).
         self.denied_names: frozenset[str] = commands.slow_names if commands else frozenset()
@@ -133,6 +135,14 @@ class Gate:
                 return self._abort_exec(session)
             if name in ("discard", "reset"):
                 session.tx_denied = False
+        if session.pool_link is not None and self.pool is not None:
+            # on the shared upstream connections (proxy.pool): answered there, or the client
+            # leaves them for a connection of its own
+            verdict = pool_admit(self.pool, session, args, name)
+            if verdict is not None:
+                if verdict[0] == "reply":
+                    return Admission.REPLY, verdict[1], "local"
+                return Admission.WAIT, None, ""
         if session.up_pending:
             # The proxy's credentials are being checked upstream: nothing of the client's goes
             # before the answer (if they are refused, nothing goes at all: fail closed).

@@ -32,7 +32,7 @@ REJECTION_REASONS = (
 UPSTREAM_ERROR_KINDS = (
     "connect_refused", "connect_timeout", "connect_error", "dns", "tls", "auth", "reset", "eof", "protocol", "timeout",
 )
-REFUSAL_REASONS = ("max_clients", "out_of_fds")
+REFUSAL_REASONS = ("max_clients", "out_of_fds", "slow_reader")
 PROXY_CLIENT = "respmeter"  # client label of the commands the proxy sends on its own behalf
 ANONYMOUS = "anonymous"
 OTHER = "other"
@@ -130,6 +130,9 @@ class Stats:
         self.bytes = {"from_client": 0, "to_client": 0, "to_upstream": 0, "from_upstream": 0}
         self.client_connections = 0
         self.connections_total = 0
+        self.upstream_connections = 0  # open now: a client's own, and the pool's shared ones
+        self.pinned_clients = 0  # pooled clients that left the pool for a connection of their own
+        self.pinned_total: dict[str, int] = {}  # ... since the start, by reason
         # client connections closed at once: max_clients (--max-clients), out_of_fds (the process
         # ran out of file descriptors)
         self.refused_connections: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
@@ -268,10 +271,31 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "respmeter_connections", "Client connections accepted.", value=s.connections_total
         )
+        yield GaugeMetricFamily(
+            "respmeter_upstream_connections",
+            "Upstream connections open now: clients' own and, with --upstream-pool, the shared ones.",
+            value=s.upstream_connections,
+        )
+        yield GaugeMetricFamily(
+            "respmeter_pinned_clients",
+            "Clients that left the upstream pool (--upstream-pool) for a connection of their own, open now "
+            "(0 without a pool).",
+            value=s.pinned_clients,
+        )
+        pt = CounterMetricFamily(
+            "respmeter_pinned",
+            "Clients that left the upstream pool for a connection of their own, by reason (blocking, "
+            "pubsub, transaction, connection state, select db, unknown command, large request, hello, auth, ...).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(s.pinned_total.items()):
+            pt.add_metric((reason,), n)
+        yield pt
         rc = CounterMetricFamily(
             "respmeter_refused_connections",
             "Client connections refused with an error and closed, by reason (max_clients: "
-            "--max-clients reached; out_of_fds: the process ran out of file descriptors).",
+            "--max-clients reached; out_of_fds: the process ran out of file descriptors; slow_reader: a "
+            "client on the upstream pool left its replies unread too long).",
             labels=("reason",),
         )
         for reason, n in sorted(s.refused_connections.items()):

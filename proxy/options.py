@@ -68,6 +68,16 @@ def _instance(text: str) -> str:
     return text
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0 or v > 1024:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1024: {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -158,6 +168,10 @@ RUN_OPTIONS: list[Option] = [
     Option("--upstream-timeout", 10.0, "seconds a reply may be overdue (a command that does not block; a "
            "blocking one gets its own timeout plus this) before its client gets '-ERR upstream timeout' and "
            "the upstream is reported degraded", type=_positive_float, metavar="SECONDS"),
+    Option("--upstream-pool", 0, "share N upstream connections (per protocol) among clients in their default "
+           "state, their commands batched; a client gets a connection of its own at its first blocking, pub/sub, "
+           "MULTI/WATCH or other connection-bound command; 0: one upstream connection per client (see README: "
+           "Upstream pooling)", type=_nonneg_int, metavar="N"),
     Option("--upstream-keepalive", "30,10,3", "TCP keepalive of upstream connections: IDLE,INTERVAL,COUNT "
            "seconds/probes ('0' turns it off); finds dead connections without a billable command",
            type=_keepalive, metavar="I,I,N"),

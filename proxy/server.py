@@ -72,6 +72,7 @@ class ProxySettings:
         self.max_clients = max_clients
         self.upstream_timeout = upstream_timeout  # a reply due for this long: the upstream stalled
         self.keepalive = keepalive  # TCP keepalive of upstream sockets: (idle, interval, count)
+        self.pool: Any = None  # proxy.pool.UpstreamPool (--upstream-pool N), or None
 
 
 MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
@@ -155,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "up_paused",
         "connect_task",
+        "pinned_handshake",
     )
 
     def __init__(self, proxy: "Proxy", listen: Listen) -> None:
@@ -166,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.up_paused = 0
         self.connect_task: asyncio.Task | None = None
+        self.pinned_handshake: list | None = None  # proxy.pool: what a client leaving the pool replays
 
     # client side ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,7 +209,10 @@ class ClientConnection(asyncio.Protocol):
         proxy.connections.add(self)
         self.session.wake = self._check_backlog
         self.session.client_buffered = transport.get_write_buffer_size
-        if s.lazy_upstream and not self.session.authed:
+        if s.pool is not None:
+            # on the shared connections, once it has something to send (proxy.pool)
+            self.session.request_upstream = s.pool.request(self)
+        elif s.lazy_upstream and not self.session.authed:
             self.session.request_upstream = self._start_connect
         else:
             self._start_connect()
@@ -255,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport  # type: ignore[assignment]
+        proxy.stats.upstream_connections += 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -262,7 +269,10 @@ class ClientConnection(asyncio.Protocol):
             if s.keepalive:
                 set_keepalive(sock, *s.keepalive)
         transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
-        handshake = s.handshake(self.session) if s.handshake else ()
+        if self.pinned_handshake is not None:
+            handshake, self.pinned_handshake = self.pinned_handshake, None
+        else:
+            handshake = s.handshake(self.session) if s.handshake else ()
         try:
             self.session.upstream_connected(transport.write, transport.close, handshake)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
@@ -311,7 +321,13 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.pause_reading()
         session = self.session
-        if session is not None and not session.awaiting_upstream:
+        link = session.pool_link if session is not None else None
+        if link is not None and link.shared is not None:
+            # a shared connection: its reading pauses for this client for a short while only
+            # (proxy.pool.STALL), and this client sends nothing more meanwhile
+            link.shared.client_full(link)
+            self.pause(P_OUTPUT_FULL)
+        elif session is not None and not session.awaiting_upstream:
             # The buffer filled with replies the proxy answers itself (NOAUTH, cap refusals, local
             # PONGs): no upstream to push back on, so stop reading what produces them. (With
             # upstream replies in flight the client is not paused: the server buffers those
@@ -323,6 +339,10 @@ class ClientConnection(asyncio.Protocol):
         self.up_paused &= ~P_CLIENT_FULL
         if not self.up_paused and self.upstream is not None:
             self.upstream.resume_reading()
+        session = self.session
+        link = session.pool_link if session is not None else None
+        if link is not None and link.shared is not None:
+            link.shared._client_drained(link)
         self.resume(P_OUTPUT_FULL)
 
     # flow control ------------------------------------------------------------------------------
@@ -384,6 +404,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         c = self.client
+        c.proxy.stats.upstream_connections -= 1
         session = c.session
         if session is None or session.closed:
             return
@@ -542,6 +563,8 @@ class Proxy:
                 if session is not None and not session.closed and session.stalled(session.clock(), timeout):
                     session.upstream_timeout(timeout)
                     stalled += 1
+            if self.settings.pool is not None:
+                stalled += self.settings.pool.check_stalls(time.monotonic(), timeout)
             if stalled:
                 reason = f"upstream timeout: {stalled} request(s) got no reply in {timeout:g}s"
                 self.stats.upstream_error("timeout")
@@ -595,6 +618,8 @@ class Proxy:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
+        if self.settings.pool is not None:
+            self.settings.pool.close()
         for listen in self.listens:
             if listen.path:
                 with contextlib.suppress(OSError):

@@ -236,6 +236,11 @@ class Session:
         self.parked = False  # a blocking command of the client is answered by the policy (PARK)
         self.draining = False  # the proxy is shutting down (proxy.server.Proxy.shutdown)
         self.drain_held = False  # ... and holds this client's blocking command, never to send it
+        # upstream pooling (proxy.pool): replies asked of the upstream so far (each write carries
+        # the ones asked since the last), the shared connection this session uses (None: its own)
+        self.up_n = 0
+        self.pool_link: Any = None
+        self.pinned: str | None = None  # why it left the pool for a connection of its own
         if policy is not None:
             policy.init_session(self)
 
@@ -287,6 +292,7 @@ class Session:
                 e.on_reply = cb
                 self.pending.append(e)
                 self.n_special += 1
+                self.up_n += 1
                 self.stats.count_upstream(PROXY_CLIENT, name)
                 out.append(encode_command(args))
             self._write_upstream(b"".join(out))
@@ -308,6 +314,7 @@ class Session:
                 self.multi_view = False
         self.pending.append(e)
         self.n_special += 1
+        self.up_n += 1
         self.stats.count_upstream(client, name)
         return encode_command(args)
 
@@ -581,6 +588,7 @@ class Session:
                 done += n
                 start += 1
             self.queued += done
+            self.up_n += done
             if start == len(cmds):
                 self._write_upstream(raw)
                 return
@@ -772,6 +780,7 @@ class Session:
             self.stats.count_upstream(client, name)
             self.pending.append((name, client, now, True, 1))
             self.queued += 1
+            self.up_n += 1
             return replaced
         e = Pending(name, client, UPSTREAM, now, None)
         if self.multi_view and name not in NOT_DEFERRED:
@@ -792,6 +801,8 @@ class Session:
             self.n_special += 1
         if silent and not (name == "client|reply" and e.expect == 1):
             e.expect = 0
+        if e.expect != 0:
+            self.up_n += 1
         if e.expect == 0 and not self.pending:
             self._complete(e, False, now)
         else:
@@ -1215,6 +1226,7 @@ class Session:
         e.on_reply = on_reply
         self.pending.append(e)
         self.n_special += 1
+        self.up_n += 1
         self.stats.count_upstream(client, name)
         return e
 

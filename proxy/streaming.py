@@ -41,6 +41,11 @@ class StreamedRequest:
         args, head = s.parser.head  # type: ignore[misc]
         s.parser.head = None
         queued = bool(s.waiting or s.held)
+        if s.pool_link is not None and not queued:
+            # its bytes cannot go over a connection other clients share (proxy.pool): it waits
+            # for a connection of its own
+            s.pool_link.pin("large request")
+            queued = True
         verdict = None if queued else s._route(args, s.clock())
         if queued or (verdict is not None and verdict[0] == s.WAIT):
             # behind other commands, or held by a rate limit: keep only its head; the session's

@@ -1,0 +1,214 @@
+"""Upstream pooling (--upstream-pool N) against real redis-servers: transparent for every kind of
+command, exact counts, the upstream connections and handshake commands it saves, faults on a shared
+connection, and a client that does not read its replies."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+try:
+    import support
+except ImportError:  # pragma: no cover
+    from tests import support  # type: ignore[no-redef]
+
+from support import commandstats, commandstats_delta
+
+redis = pytest.importorskip("redis")
+
+# redis-py 8's connection handshake, and what else a pool answers locally
+HANDSHAKE = {"hello", "client|setinfo", "client|maint_notifications", "client|setname", "select", "auth"}
+
+
+def _pooled(redis_factory, proxy_factory, n: int = 4, extra=()):
+    upstream = redis_factory()
+    proxy = proxy_factory(upstream, ["--upstream-pool", str(n), *extra])
+    return upstream, proxy
+
+
+def _upstream_names(obs) -> list[dict]:
+    return [c for c in obs.client_list() if c.get("cmd") != "client|list"]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_every_kind_of_command_works_and_counts_exactly(redis_factory, proxy_factory, protocol):
+    upstream, proxy = _pooled(redis_factory, proxy_factory)
+    obs = upstream.client()
+    known = support.server_known_commands(obs)
+    before = commandstats(obs)
+    c = proxy.client(protocol=protocol)
+    assert c.set("k", "v") and c.get("k") == b"v"
+    p = c.pipeline(transaction=False)
+    for _ in range(50):
+        p.incr("n")
+    assert p.execute()[-1] == 50
+    assert c.ping() and c.echo("hi") == b"hi"
+    c.client_setname("named")
+    assert c.client_getname() in ("named", b"named")
+    # a transaction, a blocking pop, a subscription, another db: each on a connection of its own
+    t = proxy.client(protocol=protocol)
+    assert t.pipeline(transaction=True).incr("m").incr("m").execute() == [1, 2]
+    b = proxy.client(protocol=protocol)
+    obs.rpush("q", "x")
+    assert tuple(b.blpop(["q"], timeout=1)) == (b"q", b"x")
+    s = proxy.client(protocol=protocol)
+    ps = s.pubsub()
+    ps.subscribe("ch")
+    assert ps.get_message(timeout=2)["type"] == "subscribe"
+    assert obs.publish("ch", "m") == 1
+    assert ps.get_message(timeout=2)["data"] == b"m"
+    d = proxy.client(protocol=protocol, db=1)
+    d.set("in1", "x")
+    assert obs.execute_command("SELECT", 1) and obs.get("in1") == b"x"
+    obs.execute_command("SELECT", 0)
+    # a large request (streamed) leaves the pool too, and arrives whole
+    big = b"z" * (1 << 20)
+    g = proxy.client(protocol=protocol)
+    g.set("big", big)
+    assert obs.strlen("big") == len(big) and g.get("big") == big
+    for x in (c, t, b, d, g):
+        x.close()
+    ps.close()
+    s.close()
+    time.sleep(0.2)
+    delta = commandstats_delta(before, commandstats(obs))
+    up = {k: int(v) for k, v in proxy.metric_sum("respmeter_upstream_commands_total").items() if v}
+    # the observer's own commands (rpush, publish, select, get, strlen) are the server's, not the proxy's
+    for k, n in (("rpush", 1), ("publish", 1), ("select", 2), ("get", 1), ("strlen", 1)):
+        delta[k] -= n
+    delta = {k: v for k, v in delta.items() if v}
+    support.assert_counts_match(up, delta, known)
+    pinned = proxy.metric_sum("respmeter_pinned_total", by=("reason",))
+    assert {"transaction", "blocking", "pubsub", "select db", "large request"} <= {k for k, v in pinned.items() if v}
+
+
+def test_a_pinned_client_keeps_its_connection_state(redis_factory, proxy_factory):
+    """A RESP3 client named "w" that then blocks: its own upstream connection is RESP3 and named."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory)
+    obs = upstream.client()
+    c = proxy.client(protocol=3, client_name="w")
+    assert c.get("x") is None  # (pooled so far)
+    assert c.blpop(["nothing"], timeout=0.1) is None
+    mine = [x for x in obs.client_list() if x.get("name") == "w"]
+    assert len(mine) == 1 and mine[0]["resp"] == "3", obs.client_list()
+    assert c.client_getname() in ("w", b"w")
+
+
+def test_short_lived_clients_cost_one_command_and_share_four_connections(redis_factory, proxy_factory):
+    """1,000 redis-py clients (connect, GET, close), 50 at a time: with --upstream-pool 4 the
+    upstream accepts at most 4 connections and executes exactly 1,000 GETs and no handshake; with
+    the pool off, every client costs a connection and its handshake."""
+
+    def run(proxy) -> None:
+        def worker() -> None:
+            for _ in range(20):
+                c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
+                assert c.get("k") == b"v"
+                c.close()
+
+        threads = [threading.Thread(target=worker) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+
+    results = {}
+    for pool in (4, 0):
+        upstream = redis_factory()
+        obs = upstream.client()
+        obs.set("k", "v")
+        proxy = proxy_factory(upstream, ["--upstream-pool", str(pool)])
+        time.sleep(0.3)  # (its start-up health probe: a connection that sends nothing)
+        conns0 = obs.info("stats")["total_connections_received"]
+        before = commandstats(obs)
+        run(proxy)
+        time.sleep(0.2)
+        delta = commandstats_delta(before, commandstats(obs))
+        results[pool] = (obs.info("stats")["total_connections_received"] - conns0, delta)
+        proxy.terminate(timeout=10)
+    conns, delta = results[4]
+    pinned = 0  # (none of these clients sends anything that pins)
+    assert conns <= 4 + pinned, results[4]
+    assert delta.get("get") == 1000
+    assert not HANDSHAKE & set(delta) - {"hello"}, delta
+    assert delta.get("hello", 0) <= 4  # (each shared connection's own, once)
+    off_conns, off = results[0]
+    assert off_conns >= 1000 and off.get("get") == 1000
+    assert sum(v for k, v in off.items() if k in HANDSHAKE) >= 1000, off
+
+
+def test_a_shared_connection_that_dies_fails_exactly_the_commands_in_flight(redis_factory, proxy_factory):
+    """Writes are held in flight on the shared connection (CLIENT PAUSE WRITE) when it is killed:
+    exactly those get an error, none is retried (the counter shows only what succeeded), a client
+    with nothing in flight does not notice, and the pool reconnects."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    obs = upstream.client()
+    bystander = proxy.client()
+    assert bystander.get("x") is None
+    clients = [proxy.client() for _ in range(5)]
+    for c in clients:
+        c.ping()
+    obs.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    outcome: list[str] = []
+
+    def incr(c) -> None:
+        try:
+            c.incr("n")
+            outcome.append("ok")
+        except redis.RedisError as exc:
+            outcome.append(str(exc))
+
+    threads = [threading.Thread(target=incr, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # (they are in flight, held by the pause)
+    killed = obs.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed >= 1
+    for t in threads:
+        t.join(10)
+    obs.execute_command("CLIENT", "UNPAUSE")
+    assert len(outcome) == 5 and all("connection" in o for o in outcome), outcome
+    assert obs.get("n") is None  # nothing was retried behind their backs
+    # the others go on: a new shared connection
+    assert bystander.get("x") is None
+    assert all(c.incr("n") for c in clients)
+    assert int(obs.get("n")) == 5
+
+
+def test_a_client_that_does_not_read_holds_others_up_for_a_bounded_time(redis_factory, proxy_factory):
+    """A pooled client pipelines large replies and never reads them: the shared connection pauses
+    for it at most proxy.pool.STALL seconds, then it is disconnected and a bystander on the same
+    shared connection goes on."""
+    import socket
+
+    from proxy.pool import STALL
+
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    obs = upstream.client()
+    obs.set("big", b"x" * (1 << 20))
+    bystander = proxy.client()
+    bystander.get("warm")
+    rss0 = support.rss_kb(proxy.pid)
+    hog = socket.create_connection((proxy.host, proxy.port))
+    hog.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 64)  # 64 MB of replies it will not read
+    worst = 0.0
+    deadline = time.monotonic() + STALL + 4
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        assert bystander.get("warm") is None
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    assert worst < STALL + 1.0, worst
+    # what it asked for and did not read is not kept: the proxy grew by far less than 64 MB
+    assert support.rss_kb(proxy.pid) - rss0 < 24 * 1024
+    refused = proxy.metric_sum("respmeter_refused_connections_total", by=("reason",))
+    assert refused.get("slow_reader") == 1
+    # it was disconnected: what it can still read ends (well short of the 64 MB it asked for)
+    hog.settimeout(10)
+    got = 0
+    while chunk := hog.recv(1 << 20):
+        got += len(chunk)
+    assert got < 32 << 20
+    hog.close()
