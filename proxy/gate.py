@@ -120,6 +120,10 @@ class Gate:
             # then have no time to acknowledge); the connection closes with it held
             session.drain_held = True
             return Admission.WAIT, None, ""
+        if session.pin_answer is not None and name == "auth":
+            # the AUTH that took this client off the pool went first on its own connection (proxy.pool)
+            reply, session.pin_answer = session.pin_answer, None
+            return Admission.REPLY, reply, ("error" if reply[:1] == b"-" else "ok")
         if self.intercept_auth or not session.authed:
             verdict = self._auth(session, args, name)
             if verdict is not None:

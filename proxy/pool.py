@@ -49,6 +49,10 @@ STALL = 2.0  # seconds a pooled client that does not read may keep its shared co
 PONG = b"+PONG\r\n"
 OK = b"+OK\r\n"
 # what a pooled client may send that the pool answers itself (never on the session's fast path)
+# what each shared connection asks once, to learn whether the server knows these (harmless either way)
+PROBES = {"client|setinfo": (b"CLIENT", b"SETINFO", b"LIB-NAME", b"respmeter"),
+          "client|maint_notifications": (b"CLIENT", b"MAINT_NOTIFICATIONS", b"OFF")}
+PROBE_NAMES = {v: k for k, v in PROBES.items()}
 ANSWERED = frozenset({"hello", "auth", "quit", "ping", "select", "client|setname", "client|setinfo",
                       "client|getname", "client|maint_notifications"})
 
@@ -80,15 +84,21 @@ def admit(pool: "UpstreamPool", session: Any, args: list[bytes], name: str) -> t
             link.when_drained(session.resume)
             return "wait", None
         why = value
-    pool.pin(link, why)
+    pool.pin(link, why, args if name == "auth" else None)
     return "wait", None
+
+
+def _setinfo_ok(args: list[bytes]) -> bool:
+    """CLIENT SETINFO LIB-NAME|LIB-VER value that Redis accepts (printable, no spaces)."""
+    return (len(args) == 4 and args[2].lower() in (b"lib-name", b"lib-ver")
+            and all(33 <= c <= 126 for c in args[3]))
 
 
 class PooledLink:
     """A session's way to the pool: the upstream sink Session.upstream_connected gets."""
 
-    __slots__ = ("pool", "conn", "session", "shared", "sent", "inflight", "closed", "waiting", "stall_timer",
-                 "on_drained", "proto")
+    __slots__ = ("pool", "conn", "session", "shared", "sent", "inflight", "closed", "stall_timer", "on_drained",
+                 "proto")
 
     def __init__(self, pool: "UpstreamPool", conn: Any) -> None:
         self.pool = pool
@@ -98,7 +108,6 @@ class PooledLink:
         self.sent = 0  # session.up_n at the last write
         self.inflight = 0  # replies still to come over the shared connection
         self.closed = False
-        self.waiting = False  # for its shared connection to be ready
         self.stall_timer: asyncio.TimerHandle | None = None
         self.on_drained: Callable[[], None] | None = None  # to do once nothing is in flight
         self.proto = 2
@@ -122,7 +131,9 @@ class PooledLink:
         self.pool.detach(self)
 
     def drained(self) -> bool:
-        return self.inflight == 0 and (self.shared is None or not self.shared.holds(self))
+        """No reply of its is due on the shared connection (nor asked for and not written yet)."""
+        return (self.inflight == 0 and self.session.up_n == self.sent
+                and (self.shared is None or not self.shared.holds(self)))
 
     def pin(self, reason: str) -> None:
         """Leave the pool for a connection of its own, once nothing is in flight (the session
@@ -195,6 +206,9 @@ class SharedUpstream(asyncio.Protocol):
         # pooled clients' HELLO is answered from)
         cmds = list(pool.upstream_auth.commands()) if pool.upstream_auth is not None else []
         cmds.append([b"HELLO", b"%d" % self.proto])
+        # (does the server know CLIENT SETINFO and MAINT_NOTIFICATIONS? Pooled clients' are answered
+        # as it would: OK, or its own error)
+        cmds += [list(PROBES["client|setinfo"]), list(PROBES["client|maint_notifications"])]
         if pool.limits is not None and not pool.limits.take(PROXY_CLIENT, len(cmds)):
             self._fail("a cap is reached: the upstream pool cannot open a connection")
             transport.close()
@@ -208,7 +222,10 @@ class SharedUpstream(asyncio.Protocol):
 
     def _handshake_reply(self, reply: bytes, error: bool) -> None:
         args, _ = self.hs.pop(0)
-        if args[0] == b"HELLO":
+        probe = PROBE_NAMES.get(tuple(args))
+        if probe is not None:
+            self.pool.known[probe] = None if not error else reply
+        elif args[0] == b"HELLO":
             if not error:
                 self.pool.book.record("hello", args, reply, False, self.proto)
             elif self.proto == 3:
@@ -238,14 +255,19 @@ class SharedUpstream(asyncio.Protocol):
 
     # -- writing ----------------------------------------------------------------------------------
     def enqueue(self, link: PooledLink, data: bytes, n: int) -> None:
+        routes = self.routes
+        idle = not routes and not self.out
         if n:
-            routes = self.routes
             if not routes:
                 self.due_since = time.monotonic()
             if routes and routes[-1][0] is link:
                 routes[-1][1] += n
             else:
                 routes.append([link, n])
+        if idle and self.transport is not None and not self.dead:
+            # nothing in flight: the connection waits for nobody, so no batching to wait for either
+            self.transport.write(data)
+            return
         self.out.append(data)
         if not self.scheduled:
             self.scheduled = True
@@ -296,7 +318,7 @@ class SharedUpstream(asyncio.Protocol):
                 routes.popleft()
                 self._deliver(link, data[start:end])
                 start = end
-                if link.on_drained is not None and link.inflight == 0 and not self.holds(link):
+                if link.on_drained is not None and link.drained():
                     fn, link.on_drained = link.on_drained, None
                     fn()
                 head = routes[0] if routes else None
@@ -334,6 +356,8 @@ class SharedUpstream(asyncio.Protocol):
         self.dead = True
         self.ready = False
         pool.lost(self)
+        if pool.closing:
+            return
         if exc is None:
             reason, kind = "upstream closed the connection", "eof"
         else:
@@ -367,6 +391,9 @@ class SharedUpstream(asyncio.Protocol):
         self.routes.clear()
         for link in list(self.links):
             self.pool.unplug(link)
+            if link.on_drained is not None:  # (a pin or a move waited for these replies: they are over)
+                fn, link.on_drained = link.on_drained, None
+                self.pool.loop.call_soon(fn)
         for link in list(self.paused_for):
             self._client_drained(link)
 
@@ -436,6 +463,8 @@ class UpstreamPool:
         self.loop = loop or asyncio.get_event_loop()
         self.shared: dict[int, list[SharedUpstream]] = {2: [], 3: []}
         self._next = itertools.count()
+        self.known: dict[str, bytes | None] = {}  # PROBES name -> None (known) or the server's error
+        self.closing = False
 
     # -- attaching ----------------------------------------------------------------------------------
     def request(self, conn: Any) -> Callable[[], None]:
@@ -513,15 +542,18 @@ class UpstreamPool:
             conns.remove(shared)
 
     # -- pinning ------------------------------------------------------------------------------------
-    def pin(self, link: PooledLink, reason: str) -> None:
+    def pin(self, link: PooledLink, reason: str, auth: list[bytes] | None = None) -> None:
         if link.on_drained is not None:
             return  # (already on its way out)
-        link.when_drained(lambda: self._pin_now(link, reason))
+        link.when_drained(lambda: self._pin_now(link, reason, auth))
 
-    def _pin_now(self, link: PooledLink, reason: str) -> None:
+    def _pin_now(self, link: PooledLink, reason: str, auth: list[bytes] | None = None) -> None:
         session = link.session
         link.on_drained = None
         if session.closed or session.pool_link is not link:
+            return
+        if not link.drained():  # (what was asked with it went out after all: its replies first)
+            link.on_drained = lambda: self._pin_now(link, reason, auth)
             return
         link.close()
         session.pool_link = None
@@ -529,7 +561,7 @@ class UpstreamPool:
         session.connected = False
         session._send_upstream = None
         session._close_upstream = None
-        hs = self.setup(session)
+        hs = self.setup(session, auth)
         if hs and self.limits is not None and not self.limits.take(PROXY_CLIENT, len(hs)):
             session.refuse(encode_error("ERR respmeter: a cap is reached: no upstream connection can be set up "
                                         "for this client"))
@@ -545,11 +577,12 @@ class UpstreamPool:
         link.conn.pinned_handshake = hs
         link.conn._start_connect()
 
-    def setup(self, session: Any) -> list[tuple[list[bytes], Any]]:
+    def setup(self, session: Any, client_auth: list[bytes] | None = None) -> list[tuple[Any, ...]]:
         """What a client leaving the pool sends first on its own connection, counted like any
-        command: the proxy's credentials and db, then its connection state (HELLO 3 for a RESP3
-        client, with its name; else CLIENT SETNAME). Its commands wait for the replies; an error
-        refuses it (fail closed)."""
+        command: the proxy's credentials and db; the client's AUTH when that is what pinned it
+        (before anything that needs it; the held AUTH is answered with its reply); then its
+        connection state (HELLO 3 for a RESP3 client, with its name; else CLIENT SETNAME). Its
+        commands wait for the replies; an error but the AUTH's refuses it (fail closed)."""
         gate = self.settings.policy
         auth = list(self.upstream_auth.commands()) if self.upstream_auth is not None else []
         state: list[list[bytes]] = []
@@ -557,7 +590,7 @@ class UpstreamPool:
             state.append([b"HELLO", b"3", *((b"SETNAME", session.name) if session.name else ())])
         elif session.name:
             state.append([b"CLIENT", b"SETNAME", session.name])
-        session.up_pending = len(auth) + len(state)
+        session.up_pending = len(auth) + len(state) + (1 if client_auth else 0)
         session.up_refused = False
         session.up_ready = not session.up_pending
 
@@ -575,8 +608,13 @@ class UpstreamPool:
             session.up_ready = True
             session.resume()
 
+        def auth_reply(error: bool, data: bytes) -> None:
+            session.pin_answer = data
+            state_reply(False, data)
+
+        mine = [(client_auth, auth_reply, session.client)] if client_auth else []
         return ([(c, lambda e, d: gate._handshake_reply(session, e, d)) for c in auth]
-                + [(c, state_reply) for c in state])
+                + mine + [(c, state_reply) for c in state])
 
     # -- answered here ------------------------------------------------------------------------------
     def answer(self, session: Any, args: list[bytes], name: str) -> tuple[str, Any] | None:
@@ -626,7 +664,20 @@ class UpstreamPool:
             if session.protocol != link.proto:
                 self._move(link)
             return "reply", reply
-        if name in ("client|setname", "client|setinfo", "client|maint_notifications"):
+        if name in ("client|setinfo", "client|maint_notifications"):
+            recorded = self.book.recorded(args)
+            if recorded is not None:
+                return "reply", recorded
+            if name not in self.known:
+                return None  # (not learnt yet: the server answers, and the reply is recorded)
+            err = self.known[name]
+            if err is not None:  # the server does not know it: its own error, with the client's spelling
+                probe = PROBES[name][1]
+                return "reply", err.replace(b"'" + probe + b"'", b"'" + args[1][:128] + b"'")
+            if name == "client|setinfo" and _setinfo_ok(args):
+                return "reply", OK
+            return None  # (a value it may refuse, or a mode it may take: the server answers)
+        if name == "client|setname":
             reply = self.book.answer(session, args, name)
             return None if reply is None else ("reply", reply)
         return None
@@ -658,6 +709,7 @@ class UpstreamPool:
         return sum(1 for conns in self.shared.values() for c in conns if c.transport is not None and not c.dead)
 
     def close(self) -> None:
+        self.closing = True
         for conns in self.shared.values():
             for c in list(conns):
                 if c.transport is not None:

@@ -241,6 +241,7 @@ class Session:
         self.up_n = 0
         self.pool_link: Any = None
         self.pinned: str | None = None  # why it left the pool for a connection of its own
+        self.pin_answer: bytes | None = None  # the reply to the AUTH that pinned it (sent first there)
         if policy is not None:
             policy.init_session(self)
 
@@ -285,15 +286,17 @@ class Session:
         if handshake:
             now = self.clock()
             out = []
-            for args, cb in handshake:
+            for item in handshake:
+                args, cb = item[0], item[1]
+                client = item[2] if len(item) > 2 else PROXY_CLIENT  # (a client's own command, proxy.pool)
                 info = cmdtable.lookup(args)
                 name = info.name if info is not None else cmdtable.UNKNOWN
-                e = Pending(name, PROXY_CLIENT, INTERNAL, now, None)
+                e = Pending(name, client, INTERNAL, now, None)
                 e.on_reply = cb
                 self.pending.append(e)
                 self.n_special += 1
                 self.up_n += 1
-                self.stats.count_upstream(PROXY_CLIENT, name)
+                self.stats.count_upstream(client, name)
                 out.append(encode_command(args))
             self._write_upstream(b"".join(out))
         self._dispatch()

@@ -212,3 +212,20 @@ def test_a_client_that_does_not_read_holds_others_up_for_a_bounded_time(redis_fa
         got += len(chunk)
     assert got < 32 << 20
     hog.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_pinning_command_in_a_pipeline_of_pooled_ones(redis_factory, proxy_factory, protocol):
+    """GET, BLPOP, GET in one write: the first GET's reply comes over the shared connection, then
+    the client moves to its own for BLPOP and what follows, every reply in order."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory)
+    c = proxy.client(protocol=protocol)
+    c.set("b", "b1")
+    for _ in range(3):
+        p = c.pipeline(transaction=False)
+        p.get("b")
+        p.blpop(["q"], 0.1)
+        p.incr("n")
+        out = p.execute()
+        assert out[0] == b"b1" and out[1] is None and isinstance(out[2], int), out
+    assert int(upstream.client().get("n")) == 3

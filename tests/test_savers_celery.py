@@ -2,9 +2,10 @@
 ``--savers celery``.
 
 One redis-server, one proxy and one worker per mode (``off``: no ``--savers`` flag; ``on``:
-``--savers celery``), started once for the module and shared by the tests, so the whole file stays
-within about two and a half minutes. Both stacks run side by side: the idle window and the SIGTERM
-timing are measured on both at once, so the machine's noise is shared.
+``--savers celery``; ``pool``: ``--upstream-pool 2``, issue 14's Celery acceptance: the worker
+pins at its first BRPOP, exact counts, 1,000 tasks with no loss), started once for the module and
+shared by the tests. The stacks run side by side: the idle window and the SIGTERM timing are
+measured on all at once, so the machine's noise is shared.
 
 The worker is ``celery -A rmsav worker -c 2`` (the default prefork pool, two processes, as most
 deployments run it; only the node name is set, nothing that changes its Redis traffic). Its broker
@@ -50,7 +51,9 @@ except ImportError:  # pragma: no cover
 pytestmark = pytest.mark.slow
 
 SAVERS = os.environ.get("RESPMETER_TEST_SAVERS", "celery")
-MODES = ["off", "on"]
+# off: one upstream connection per client; on: --savers; pool: --upstream-pool 2 (the worker pins
+# at its first BRPOP, the producers' plain commands share the pool)
+MODES = ["off", "on", "pool"]
 IDLE_SECONDS = 20.0
 SETTLE_SECONDS = 3.0  # after the workers are ready (mingle, first sweeps), before the idle window
 LOAD_TASKS = 1000
@@ -207,7 +210,8 @@ class Stack:
         self.server = support.RedisServer(workdir=root / "redis")
         self.port = support.free_port()  # the clients' port, kept across proxy restarts
         self.state_dir = root / "proxy-state"
-        self.saver_args = ["--savers", SAVERS] if mode == "on" else []
+        self.saver_args = (["--savers", SAVERS] if mode == "on"
+                           else ["--upstream-pool", "2"] if mode == "pool" else [])
         self.proxies: list[support.ProxyProcess] = []
         self.worker: PreforkWorker | None = None
         self._producers: dict[tuple[str, bool], Any] = {}
@@ -311,7 +315,7 @@ def stacks(tmp_path_factory):
     """Both modes' stacks, started together (the ``on`` one only when ``--savers`` exists)."""
     if shutil_which("redis-server") is None:
         pytest.fail("redis-server not found on PATH", pytrace=False)
-    modes = ["off", "on"] if SAVERS_AVAILABLE else ["off"]
+    modes = ["off", "on", "pool"] if SAVERS_AVAILABLE else ["off", "pool"]
     built: dict[str, Stack] = {}
     try:
         for mode in modes:
@@ -591,7 +595,7 @@ def test_idle_window_upstream_commands(stacks, idle_window, mode):
           f"{total * 86400 / secs:,.0f}/day")
     # a subscriber through the proxy gets the heartbeats (one every 2 s) in both modes
     assert got["heartbeats_via_proxy"] >= int(secs / 2) - 2, got
-    if mode == "off":
+    if mode in ("off", "pool"):
         assert secs * 0.75 <= up.get("brpop", 0) <= secs * 1.1 + 2, up  # BRPOP timeout 1 s, back to back
         assert secs / 2 - 2 <= up.get("publish", 0) <= secs / 2 + 2, up  # the heartbeat, every 2 s
     else:
