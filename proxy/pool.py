@@ -210,8 +210,15 @@ class SharedUpstream(asyncio.Protocol):
         # as it would: OK, or its own error)
         cmds += [list(PROBES["client|setinfo"]), list(PROBES["client|maint_notifications"])]
         if pool.limits is not None and not pool.limits.take(PROXY_CLIENT, len(cmds)):
-            self._fail("a cap is reached: the upstream pool cannot open a connection")
+            # a cap is reached: this connection's own handshake would pass it. It closes having
+            # sent nothing, and the clients waiting for it go on as without a pool (a connection
+            # of their own, the handshake answered by the proxy, every command refused at the cap)
+            self.dead = True
+            pool.lost(self)
             transport.close()
+            waiters, self.waiters = self.waiters, []
+            for link in waiters:
+                pool.unpool(link, "cap")
             return
         for args in cmds:
             name = cmdtable.command_name(args)
@@ -569,13 +576,27 @@ class UpstreamPool:
         stats = self.stats
         stats.pinned_clients += 1
         stats.pinned_total[reason] = stats.pinned_total.get(reason, 0) + 1
-
-        def unpinned() -> None:
-            stats.pinned_clients -= 1
-
-        session.on_close.append(unpinned)
+        session.on_close.append(self._unpinned)
         link.conn.pinned_handshake = hs
         link.conn._start_connect()
+
+    def unpool(self, link: PooledLink, reason: str) -> None:
+        """The session goes on as without a pool, on a connection of its own, from its current
+        state (nothing was sent for it yet): the gate sends the proxy's credentials as usual."""
+        session = link.session
+        link.close()
+        session.pool_link = None
+        if session.closed:
+            return
+        session.pinned = reason
+        self.stats.pinned_clients += 1
+        self.stats.pinned_total[reason] = self.stats.pinned_total.get(reason, 0) + 1
+        session.on_close.append(self._unpinned)
+        session.up_ready = self.upstream_auth is None
+        link.conn._start_connect()
+
+    def _unpinned(self) -> None:
+        self.stats.pinned_clients -= 1
 
     def setup(self, session: Any, client_auth: list[bytes] | None = None) -> list[tuple[Any, ...]]:
         """What a client leaving the pool sends first on its own connection, counted like any

@@ -165,6 +165,12 @@ _HANDED_OUT: set[int] = set()
 _PORT_LOCK = threading.Lock()
 
 
+# The session runs its proxies on the upstream pool when RESPMETER_UPSTREAM_POOL=N is set (each proxy
+# inherits it): what the pool answers itself (PING, the handshake) then has outcome "local" and never
+# goes upstream, and each shared connection sends its own handshake (client "respmeter").
+POOLED = os.environ.get("RESPMETER_UPSTREAM_POOL", "0").strip() not in ("", "0")
+
+
 def rss_kb(pid: int) -> int:
     """A process's resident memory now, in KiB (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:

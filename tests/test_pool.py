@@ -229,3 +229,59 @@ def test_a_pinning_command_in_a_pipeline_of_pooled_ones(redis_factory, proxy_fac
         out = p.execute()
         assert out[0] == b"b1" and out[1] is None and isinstance(out[2], int), out
     assert int(upstream.client().get("n")) == 3
+
+
+def test_the_daily_cap_holds_with_the_pools_own_commands(redis_factory, proxy_factory):
+    """A daily cap of 300 over the pool: 10 pipelining clients until they see the cap. Everything
+    billed (their INCRs, the shared connections' own handshakes, pinned clients' setup) stays within
+    it, the proxy's counts equal the server's, and a client connecting at the exhausted cap still
+    gets its handshake answered and clear cap errors (it goes on as without a pool)."""
+    cap = 300
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2, ["--daily-cap", str(cap)])
+    obs = upstream.client()
+    known = support.server_known_commands(obs)
+    before = commandstats(obs)
+    refused = []
+
+    def run() -> None:
+        c = proxy.client()
+        while True:
+            p = c.pipeline(transaction=False)
+            for _ in range(7):
+                p.incr("n")
+            errs = [r for r in p.execute(raise_on_error=False) if isinstance(r, Exception)]
+            if errs:
+                refused.append(str(errs[0]))
+                return
+
+    threads = [threading.Thread(target=run) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(refused) == 10 and all(f"daily cap of {cap}" in r for r in refused), refused[:2]
+    billed = {k: int(v) for k, v in proxy.metric_sum("respmeter_upstream_commands_total").items() if v}
+    assert sum(billed.values()) <= cap
+    assert sum(billed.values()) >= cap - 2 * 16, billed  # (less by at most the blocks held)
+    delta = commandstats_delta(before, commandstats(obs))
+    support.assert_counts_match(billed, delta, known)
+    late = proxy.client(protocol=3)
+    with pytest.raises(redis.ResponseError, match=f"daily cap of {cap}"):
+        late.get("n")
+    assert sum(int(v) for v in proxy.metric_sum("respmeter_upstream_commands_total").values()) <= cap
+
+
+def test_the_exact_count_tests_pass_on_the_pool():
+    """The exact-count suites (counting, transparency, corner cases) run again with every proxy on
+    --upstream-pool 4 (RESPMETER_UPSTREAM_POOL, inherited by each proxy): what they assert of the
+    server's own counts holds there too (tests/support.py POOLED says what the pool answers itself)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RESPMETER_UPSTREAM_POOL="4")
+    files = ["tests/test_counting.py", "tests/test_transparency.py", "tests/test_corners.py"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+                       cwd=support.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout.splitlines()[-1], r.stdout[-500:]

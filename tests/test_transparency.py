@@ -20,6 +20,7 @@ import redis
 
 
 from support import (
+    POOLED,
     RespError,
     RespPush,
     RespSocket,
@@ -345,7 +346,7 @@ def test_inline_commands_raw_socket(env):
         assert isinstance(r, RespError) and "unknown command" in r
         assert s.call("GET", "ik") == b"a b"
     up = env.assert_counts_exact()
-    assert up["ping"] == 2 and up["set"] == 2 and up["get"] == 3 and up["echo"] == 1
+    assert (POOLED or up["ping"] == 2) and up["set"] == 2 and up["get"] == 3 and up["echo"] == 1
     assert up["unknown"] == 1  # NOSUCHCMD: labelled unknown, and still forwarded (the server answered)
 
 
@@ -498,12 +499,12 @@ def test_everything_on_one_proxy_counts_exactly(redis_factory, proxy_factory, ho
     assert by_client[("alpha", "incrby")] == 2  # redis-py 8: INCR is sent as INCRBY
     assert by_client[("alpha", "multi")] == 1 and by_client[("alpha", "exec")] == 1
     assert by_client[("alpha", "eval")] == 1 and by_client[("alpha", "brpop")] == 1
-    assert by_client[("beta", "ping")] == 1 and by_client[("beta", "get")] == 2
+    assert (POOLED or by_client[("beta", "ping")] == 1) and by_client[("beta", "get")] == 2
     assert by_client[("gamma", "incr")] == 1
     assert ("beta", "incr") not in by_client and ("anonymous", "set") not in by_client
     # per client, the totals add up to the server's count
     per_cmd: dict[str, float] = {}
-    for (client, cmd), n in by_client.items():
+    for (client, cmd), n in by_client.items():  # (the proxy's own too: the upstream pool's handshakes)
         if cmd in e.known:  # left out: "unknown" and what the server does not know (client|setinfo)
             per_cmd[cmd] = per_cmd.get(cmd, 0) + n
     assert per_cmd == {k: float(v) for k, v in delta.items()}
