@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import time
 from collections import deque
 from typing import Any, Callable
@@ -41,7 +40,7 @@ from . import commands as cmdtable
 from . import resp
 from .metrics import PROXY_CLIENT
 from .resp import KIND_ERROR, KIND_PUSH, encode_command, encode_error
-from .server import P_UPSTREAM_FULL, classify_connect_error, set_keepalive
+from .server import P_UPSTREAM_FULL, classify_connect_error, open_upstream, tune_upstream
 
 log = logging.getLogger("respmeter.pool")
 
@@ -174,15 +173,8 @@ class SharedUpstream(asyncio.Protocol):
         pool = self.pool
         s = pool.settings
         u = s.upstream
-        loop = pool.loop
         try:
-            if u.path:
-                coro = loop.create_unix_connection(lambda: self, u.path)
-            else:
-                coro = loop.create_connection(
-                    lambda: self, u.host, u.port, ssl=s.ssl_context,
-                    server_hostname=(s.server_hostname or u.host) if s.ssl_context else None)
-            await asyncio.wait_for(coro, s.connect_timeout)
+            await open_upstream(s, lambda: self)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a client-visible error
@@ -196,12 +188,7 @@ class SharedUpstream(asyncio.Protocol):
         pool = self.pool
         self.transport = transport  # type: ignore[assignment]
         pool.stats.upstream_connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if pool.settings.keepalive:
-                set_keepalive(sock, *pool.settings.keepalive)
+        tune_upstream(transport, pool.settings)
         # its own handshake: the proxy's credentials and db, and HELLO (its protocol, and the reply
         # pooled clients' HELLO is answered from)
         cmds = list(pool.upstream_auth.commands()) if pool.upstream_auth is not None else []

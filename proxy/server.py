@@ -224,20 +224,9 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         s = proxy.settings
         u = s.upstream
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            if u.path:
-                coro = loop.create_unix_connection(lambda: UpstreamConnection(self), u.path)
-            else:
-                coro = loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    u.host,
-                    u.port,
-                    ssl=s.ssl_context,
-                    server_hostname=(s.server_hostname or u.host) if s.ssl_context else None,
-                )
-            transport, _ = await asyncio.wait_for(coro, s.connect_timeout)
+            transport, _ = await open_upstream(s, lambda: UpstreamConnection(self))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a client-visible error
@@ -262,13 +251,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = transport  # type: ignore[assignment]
         proxy.stats.upstream_connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if s.keepalive:
-                set_keepalive(sock, *s.keepalive)
-        transport.set_write_buffer_limits(high=WRITE_HIGH)  # type: ignore[attr-defined]
+        tune_upstream(transport, s)
         if self.pinned_handshake is not None:
             handshake, self.pinned_handshake = self.pinned_handshake, None
         else:
@@ -455,6 +438,32 @@ class UpstreamConnection(asyncio.Protocol):
             c.up_paused &= ~P_ECHO_FULL
             if not c.up_paused and c.upstream is not None:
                 c.upstream.resume_reading()
+
+
+def open_upstream(settings: ProxySettings, factory: Callable[[], asyncio.BaseProtocol]) -> Any:
+    """Connect ``factory()`` to the upstream (TCP or a unix socket, TLS when configured), within the
+    connect timeout: an awaitable of (transport, protocol)."""
+    u = settings.upstream
+    loop = asyncio.get_running_loop()
+    if u.path:
+        coro = loop.create_unix_connection(factory, u.path)
+    else:
+        coro = loop.create_connection(
+            factory, u.host, u.port, ssl=settings.ssl_context,
+            server_hostname=(settings.server_hostname or u.host) if settings.ssl_context else None,
+        )
+    return asyncio.wait_for(coro, settings.connect_timeout)
+
+
+def tune_upstream(transport: Any, settings: ProxySettings) -> None:
+    """An upstream socket: no Nagle delay, TCP keepalive (--upstream-keepalive), our write buffer."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if settings.keepalive:
+            set_keepalive(sock, *settings.keepalive)
+    transport.set_write_buffer_limits(high=WRITE_HIGH)
 
 
 def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
