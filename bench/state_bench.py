@@ -10,8 +10,9 @@ server. Then:
    (medians), and the ratio shared / SQLite;
 2. overhead at a low rate: a client sends ``--rate`` commands a second (10) through a fresh shared
    proxy, ``--warmup`` seconds (120: its blocks grow to the rate) and then ``--seconds`` (300) more,
-   and the state server's own ``INFO commandstats`` says how many commands the proxy sent it
-   (EVAL, HGETALL; not what the scripts ran inside it): a share of the commands it budgeted.
+   and MONITOR on the state server says how many commands the proxy sent it (EVAL, HGETALL; not
+   what the scripts ran inside it, which INFO commandstats would count too): a share of the
+   commands it budgeted.
 
     .venv/bin/python bench/state_bench.py                 # about 6 minutes
     .venv/bin/python bench/state_bench.py --seconds 60    # a quick look
@@ -25,6 +26,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,19 +57,44 @@ def command(port: int, *args: str) -> bytes:
         return out
 
 
-# what the proxy sends the state store (the rest of its commandstats ran inside the Lua scripts)
-SENT = {"eval", "hgetall", "auth", "select", "hello"}
+class Monitor:
+    """MONITOR on the state server, counting the commands clients sent it: INFO commandstats would
+    also count what the Lua scripts ran inside it (their HGETALLs, EXPIREs, ...), which nobody sent
+    and no host bills ("[0 lua]" in MONITOR's lines)."""
 
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.sendall(b"*1\r\n$7\r\nMONITOR\r\n")
+        self.sent = 0
+        self.buf = b""
+        self.sock.settimeout(0.2)
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
-def commandstats_sent(port: int) -> int:
-    text = command(port, "INFO", "commandstats").decode()
-    total = 0
-    for line in text.splitlines():
-        name = line[len("cmdstat_"):].split(":", 1)[0] if line.startswith("cmdstat_") else ""
-        if name in SENT:
-            fields = dict(f.split("=") for f in line.split(":", 1)[1].split(","))
-            total += int(fields["calls"])
-    return total
+    def _run(self) -> None:
+        while not self.stop:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self.buf += data
+            *lines, self.buf = self.buf.split(b"\r\n")
+            for line in lines:
+                if line.startswith(b"+") and b" [" in line and b" lua]" not in line.split(b"]", 1)[0]:
+                    self.sent += 1
+
+    def count(self) -> int:
+        time.sleep(0.3)  # (what was sent just before is read)
+        return self.sent
+
+    def close(self) -> None:
+        self.stop = True
+        self.sock.close()
 
 
 def main() -> int:
@@ -123,11 +150,13 @@ def main() -> int:
                     time.sleep(max(0.0, t0 + sent / args.rate - time.monotonic()))
                 return sent
 
-            first = commandstats_sent(state)
+            mon = Monitor(state)
+            first = mon.count()
             warm = steady(args.warmup)
-            before = commandstats_sent(state)
+            before = mon.count()
             sent = steady(args.seconds)
-            spent = commandstats_sent(state) - before
+            spent = mon.count() - before
+            mon.close()
         print(f"\nwarm-up: {warm} commands budgeted, {before - first} commands to the state store "
               f"({100 * (before - first) / max(1, warm):.2f}%)")
         print(f"\nat {args.rate:g} commands/s for {args.seconds:g} s: {sent} commands budgeted, {spent} commands "
