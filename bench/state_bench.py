@@ -85,7 +85,7 @@ class Monitor:
             self.buf += data
             *lines, self.buf = self.buf.split(b"\r\n")
             for line in lines:
-                if line.startswith(b"+") and b" [" in line and b" lua]" not in line.split(b"]", 1)[0]:
+                if line.startswith(b"+") and b" [" in line and not line.split(b"]", 1)[0].endswith(b" lua"):
                     self.sent += 1
 
     def count(self) -> int:

@@ -196,6 +196,11 @@ class Gate:
         self._after_reset(session, name)
         if hello_args is not None and hello_args != args:
             return Admission.REPLACE, encode_command(hello_args), ""
+        if (self.pool is not None and name in ("client|list", "client|kill") and session.pool_link is None
+                and not session.multi_view):
+            verdict = self.pool.introspect(session, args, name)  # (the pooled clients are the proxy's to show)
+            if verdict is not None:
+                return verdict
         return FORWARD
 
     def deny_reply(self, args: list[bytes], name: str) -> bytes | None:

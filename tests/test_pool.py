@@ -285,3 +285,38 @@ def test_the_exact_count_tests_pass_on_the_pool():
                        cwd=support.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+@pytest.mark.parametrize("how", ["old", "id", "addr", "laddr"])
+def test_pooled_clients_show_in_client_list_and_can_be_killed(redis_factory, proxy_factory, how):
+    """The server knows nothing of the pooled clients: CLIENT LIST from a client with a connection
+    of its own shows them too (ids of the proxy's, their address as the proxy sees it, the proxy's
+    as laddr, their name), and CLIENT KILL closes the one it names (redis-py's own CLIENT KILL tests)."""
+    import socket
+
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2, ["--deny-commands", ""])
+    r = proxy.client()
+    r.client_setname("c1")
+    r2 = socket.create_connection((proxy.host, proxy.port), timeout=5)
+    r2.sendall(b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$2\r\nc2\r\n*2\r\n$3\r\nGET\r\n$1\r\nx\r\n")
+    got = b""
+    while got.count(b"\r\n") < 2:
+        got += r2.recv(100)
+    assert got == b"+OK\r\n$-1\r\n"  # (pooled: named by the proxy)
+    clients = {c.get("name"): c for c in r.client_list() if c.get("name") in ("c1", "c2")}
+    assert set(clients) == {"c1", "c2"}, r.client_list()
+    c2 = clients["c2"]
+    assert int(c2["id"]) >= 1 << 40 and c2["laddr"] == f"{proxy.host}:{proxy.port}"
+    if how == "old":
+        assert r.client_kill(c2["addr"]) is True
+    elif how == "id":
+        assert r.client_kill_filter(_id=c2["id"]) == 1
+    elif how == "addr":
+        assert r.client_kill_filter(addr=c2["addr"]) == 1
+    else:
+        assert r.client_kill_filter(laddr=c2["laddr"]) >= 1
+    time.sleep(0.1)
+    names = [c.get("name") for c in r.client_list()]
+    assert "c2" not in names and "c1" in names
+    assert r2.recv(100) == b""  # closed by the proxy
+    r2.close()
