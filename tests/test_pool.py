@@ -320,3 +320,32 @@ def test_pooled_clients_show_in_client_list_and_can_be_killed(redis_factory, pro
     assert "c2" not in names and "c1" in names
     assert r2.recv(100) == b""  # closed by the proxy
     r2.close()
+
+
+def test_nothing_before_auth_opens_a_pool_connection(redis_factory, proxy_factory, tmp_path):
+    """With proxy users, a client that has not authenticated costs no upstream connection and no
+    command, on the pool too; once it has, AUTH and HELLO AUTH are answered by the proxy and its
+    commands share the pool."""
+    import socket
+
+    from proxy.auth import hash_password
+
+    users = tmp_path / "users.toml"
+    users.write_text(f'[users.alice]\npassword_hash = "{hash_password("Al1ce-Pw-9z")}"\nlabel = "alice"\n')
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2, ["--users", str(users)])
+    obs = upstream.client()
+    conns0 = obs.info("stats")["total_connections_received"]
+    before = commandstats(obs)
+    s = socket.create_connection((proxy.host, proxy.port), timeout=5)
+    s.sendall(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$4\r\nAUTH\r\n$5\r\nwrong\r\n")
+    time.sleep(0.5)
+    got = s.recv(4096)
+    assert got.count(b"-NOAUTH") == 2 and b"-WRONGPASS" in got, got
+    assert obs.info("stats")["total_connections_received"] == conns0  # not even a connection
+    assert proxy.metric_sum("respmeter_upstream_connections", by=()).get((), 0) == 0
+    s.close()
+    c = proxy.client(username="alice", password="Al1ce-Pw-9z", protocol=3)
+    assert c.get("k") is None and c.ping()
+    delta = commandstats_delta(before, commandstats(obs))
+    mine = {k: v for k, v in delta.items() if k not in ("hello", "info")}  # (info: this test's own read)
+    assert mine == {"get": 1}, delta  # (HELLO: the shared connection's own, once)
