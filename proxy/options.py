@@ -68,21 +68,22 @@ def _instance(text: str) -> str:
     return text
 
 
-def _nonneg_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _nonneg_int(text: str) -> int:
+    v = _whole(text)
     if v < 0 or v > 1024:
         raise argparse.ArgumentTypeError(f"must be 0 to 1024: {text!r}")
     return v
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    v = _whole(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return v

@@ -49,6 +49,26 @@ def _hammer(proxy, clients: int, stop: threading.Event, refused: list[int]) -> l
     return threads
 
 
+def _run_until_capped(proxies, kill: bool = False) -> list[int]:
+    """20 pipelining clients on each proxy until each sees the cap; with ``kill``, the first two
+    proxies are killed with -9 mid-run and started again (with 20 new clients each). The refusals."""
+    stop = threading.Event()
+    refused: list[int] = []
+    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
+    if kill:
+        time.sleep(0.3)
+        for p in proxies[:2]:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+        for p in proxies[:2]:
+            p.start()
+        threads += [t for p in proxies[:2] for t in _hammer(p, 20, stop, refused)]
+    for t in threads:
+        t.join(60)
+    stop.set()
+    return refused
+
+
 def _fleet(redis_factory, proxy_factory, n: int, extra=()):
     upstream = redis_factory()
     state = redis_factory()
@@ -67,12 +87,7 @@ def test_three_proxies_share_one_daily_cap(redis_factory, proxy_factory):
     upstream, state, proxies = _fleet(redis_factory, proxy_factory, 3)
     obs = upstream.client()
     before = commandstats(obs)
-    stop = threading.Event()
-    refused: list[int] = []
-    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
-    for t in threads:
-        t.join(60)
-    stop.set()
+    refused = _run_until_capped(proxies)
     executed = _executed(obs, before)
     # never more than the cap; less by at most the blocks the proxies still hold (cap/50 each)
     assert executed <= CAP
@@ -86,19 +101,7 @@ def test_a_killed_proxy_loses_only_its_blocks(redis_factory, proxy_factory):
     upstream, state, proxies = _fleet(redis_factory, proxy_factory, 3)
     obs = upstream.client()
     before = commandstats(obs)
-    stop = threading.Event()
-    refused: list[int] = []
-    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
-    time.sleep(0.3)
-    for p in proxies[:2]:  # mid-run: kill -9 two of them, start them again
-        p.send_signal(signal.SIGKILL)
-        p.wait(10)
-    for p in proxies[:2]:
-        p.start()
-    threads += [t for p in proxies[:2] for t in _hammer(p, 20, stop, refused)]
-    for t in threads:
-        t.join(60)
-    stop.set()
+    _run_until_capped(proxies, kill=True)
     executed = _executed(obs, before)
     assert executed <= CAP
     # the killed proxies' unspent blocks count as used: undercount by at most those and the live ones
@@ -171,20 +174,7 @@ def test_state_url_upstream_pays_its_state_commands_from_the_cap(redis_factory, 
     known = support.server_known_commands(obs)
     before = commandstats(obs)
     proxies = [proxy_factory(upstream, ["--state-url", "upstream", "--daily-cap", str(CAP)]) for _ in range(3)]
-    stop = threading.Event()
-    refused: list[int] = []
-    threads = [t for p in proxies for t in _hammer(p, 20, stop, refused)]
-    if kill:
-        time.sleep(0.3)
-        for p in proxies[:2]:
-            p.send_signal(signal.SIGKILL)
-            p.wait(10)
-        for p in proxies[:2]:
-            p.start()
-        threads += [t for p in proxies[:2] for t in _hammer(p, 20, stop, refused)]
-    for t in threads:
-        t.join(60)
-    stop.set()
+    _run_until_capped(proxies, kill=kill)
     sent = _sent(obs, before)
     assert sent.get("eval", 0) >= 3
     executed = sum(sent.values())
