@@ -524,14 +524,14 @@ def fleet_traffic(store: Any, limits: Any) -> dict[str, Any]:
     saved.sort(key=lambda r: (-r["count"], r["client"], r["command"], r["saver"], r["instance"]))
     day_start = limits.bounds["daily"][0]
     spans = {inst: (max(a, day_start), b) for inst, (a, b) in data["alive"].items() if b >= day_start}
-    for _, _, _, _, _, f, la in data["patterns"] + data["saved"]:
-        spans.setdefault("?", (f, la))
-    first = min((a for a, _ in spans.values()), default=None)
-    last = max((b for _, b in spans.values()), default=None)
+    # the time the fleet ran today (idle time counts, as in stored_traffic), and what was seen in it
+    times = [t for span in spans.values() for t in span]
+    times += [t for *_, f, la in data["patterns"] + data["saved"] for t in (max(f, day_start), la)]
+    first, last = min(times, default=None), max(times, default=None)
     span = (last - first) if first is not None and last is not None else 0.0
     instances = {inst: {"first_seen": _iso(a), "last_push": _iso(b),
                         "commands": sum(r["count"] for r in rows if r["instance"] == inst)}
-                 for inst, (a, b) in sorted(spans.items()) if inst != "?"}
+                 for inst, (a, b) in sorted(spans.items())}
     return {"window_seconds": None, "measured_seconds": round(max(span, 1.0), 1), "rows": rows, "from": "fleet",
             "measured_from": first, "measured_until": last, "saved": saved,
             "saved_measured_seconds": round(max(span, 1.0), 1), "savers": None, "instances": instances}

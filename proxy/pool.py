@@ -137,6 +137,8 @@ class PooledLink:
         self.id = next(pool._ids)  # its id in CLIENT LIST (the proxy's: it has no connection of its own)
         self.since = time.monotonic()
         pool.members.add(self)
+        # (however the session ends: also before its shared connection was ready, or when that failed)
+        self.session.on_close.append(lambda: pool.members.discard(self))
 
     def write(self, data: bytes) -> None:
         s = self.session

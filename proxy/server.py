@@ -250,7 +250,6 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport  # type: ignore[assignment]
-        proxy.stats.upstream_connections += 1
         tune_upstream(transport, s)
         if self.pinned_handshake is not None:
             handshake, self.pinned_handshake = self.pinned_handshake, None
@@ -370,6 +369,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client.proxy.stats.upstream_connections += 1  # (respmeter_upstream_connections)
 
     def data_received(self, data: bytes) -> None:
         c = self.client

@@ -8,8 +8,9 @@ back; a proxy killed with -9 loses at most its unspent blocks (undercount, never
 Keys carry the window (``day:2026-12-04``, ``month:2026-12``, in the cap's timezone), so there is no
 race at midnight, and expire well after it. What this process spent is written there every
 ``push_every`` seconds (and when it gives budget back), so the fleet's usage is known without a
-round trip per command. Everything else (counts, key patterns, saved commands) stays in the local
-SQLite store of this instance.
+round trip per command. The same push carries this instance's counts, key patterns and saved
+commands since the last one, tagged with its name (the fleet's report), and reads back the fleet's
+counts; the local SQLite store keeps them too (a report of the stopped proxy).
 
 The client is synchronous, with short timeouts: a reservation is one round trip on the event loop,
 made once per block. When the state store cannot be reached, :class:`StateUnavailable` is raised and

@@ -127,6 +127,9 @@ def test_short_lived_clients_cost_one_command_and_share_four_connections(redis_f
         time.sleep(0.2)
         delta = commandstats_delta(before, commandstats(obs))
         results[pool] = (obs.info("stats")["total_connections_received"] - conns0, delta)
+        # the gauge: the shared connections stay open; clients' own ones are all closed again
+        open_now = proxy.metric_sum("respmeter_upstream_connections", by=()).get((), -1)
+        assert open_now == min(pool, 4), (pool, open_now)
         proxy.terminate(timeout=10)
     conns, delta = results[4]
     pinned = 0  # (none of these clients sends anything that pins)
