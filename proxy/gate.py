@@ -104,7 +104,7 @@ class Gate:
 
     def fast_admit(self, session: Session, n: int) -> bool:
         # (denied names never reach the fast path: the session leaves slow_names out of it)
-        if not (session.up_ready and session.authed):
+        if not session.up_ready or session.parser.unauth:  # (not authed)
             return False
         if self.savers is not None and self.savers.busy(session):
             return False

@@ -5,10 +5,13 @@ How it works
 ------------
 * A session on the pool writes through a :class:`PooledLink` (what it gets as its upstream sink):
   its bytes go into its :class:`SharedUpstream`'s buffer with the number of replies they ask for
-  (``Session.up_n``), and the buffer goes out in one write per event-loop turn, whoever wrote it.
+  (``Session.up_n``), and the buffer goes out in one write per event-loop turn, whoever wrote it
+  (with nothing in flight and one client at a time, a write goes at once: no one to batch with).
 * The shared connection's replies are cut at frame boundaries (the C framer) and each session gets
-  exactly the bytes of its own replies, in order, through ``Session.upstream_data``: counting,
-  caps, key patterns and the report see what they see without a pool.
+  exactly the bytes of its own replies, in order: ordinary replies through
+  ``Session.whole_replies`` (not framed a second time), anything else through
+  ``Session.upstream_data``. Counting, caps, key patterns and the report see what they see without
+  a pool.
 * Pinning: at a command :func:`proxy.pinning.pins` names (blocking, pub/sub, MULTI/WATCH, CLIENT
   TRACKING, SELECT of another db, unknown, ...), or a request too large to hold, the session waits
   until its replies in flight are back, leaves the pool and opens a connection of its own, set up
@@ -141,14 +144,32 @@ class PooledLink:
         self.session.on_close.append(lambda: pool.members.discard(self))
 
     def write(self, data: bytes) -> None:
-        s = self.session
-        n = s.up_n - self.sent
-        self.sent = s.up_n
+        """The session's bytes, asking for the replies it counted since its last write: into the
+        shared connection's buffer (written at the end of this loop turn), or written at once when
+        nothing is in flight there (no batching to wait for)."""
+        up_n = self.session.up_n
+        n = up_n - self.sent
+        self.sent = up_n
         self.inflight += n
         shared = self.shared
         if shared is None or self.closed:  # (cannot happen: the session is not connected then)
             return
-        shared.enqueue(self, data, n)
+        routes = shared.routes
+        idle = not routes and not shared.out
+        if n:
+            if not routes:
+                shared.due_since = time.monotonic()
+            if routes and routes[-1][0] is self:
+                routes[-1][1] += n
+            else:
+                routes.append([self, n])
+        if idle and shared.solo and shared.transport is not None and not shared.dead:
+            shared.transport.write(data)
+            return
+        shared.out.append(data)
+        if not shared.scheduled:
+            shared.scheduled = True
+            self.pool.loop.call_soon(shared.flush)
 
     def close(self) -> None:
         """The session is done with the pool (closed, or leaving it): replies still in flight for
@@ -186,6 +207,10 @@ class SharedUpstream(asyncio.Protocol):
         self.dead = False
         self.out: list[bytes] = []
         self.scheduled = False
+        # whether the last batch carried one write: then, with nothing in flight, a write goes at
+        # once (one client at a time: no one to batch with); else it waits for the loop turn's end,
+        # to go with the other clients' (fewer, larger writes and reads for both sides)
+        self.solo = True
         self.routes: deque[list[Any]] = deque()  # [link or None (its own handshake), replies left]
         self.framer = resp.ReplyFramer()
         self.links: set[PooledLink] = set()
@@ -277,28 +302,10 @@ class SharedUpstream(asyncio.Protocol):
                 s.upstream_failed(reason)
 
     # -- writing ----------------------------------------------------------------------------------
-    def enqueue(self, link: PooledLink, data: bytes, n: int) -> None:
-        routes = self.routes
-        idle = not routes and not self.out
-        if n:
-            if not routes:
-                self.due_since = time.monotonic()
-            if routes and routes[-1][0] is link:
-                routes[-1][1] += n
-            else:
-                routes.append([link, n])
-        if idle and self.transport is not None and not self.dead:
-            # nothing in flight: the connection waits for nobody, so no batching to wait for either
-            self.transport.write(data)
-            return
-        self.out.append(data)
-        if not self.scheduled:
-            self.scheduled = True
-            self.pool.loop.call_soon(self.flush)
-
     def flush(self) -> None:
         self.scheduled = False
         out, self.out = self.out, []
+        self.solo = len(out) <= 1
         if out and self.transport is not None and not self.dead:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -309,9 +316,46 @@ class SharedUpstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
         routes = self.routes
-        frames = self.framer.feed(data)
+        framer = self.framer
+        frames = framer.feed(data)
+        start = i = 0
+        if framer.plain:
+            # Ordinary replies only (the usual case): each client's run of them goes to it in one
+            # piece, paired with its commands without being framed a second time.
+            nf = len(frames)
+            while i < nf and routes:
+                head = routes[0]
+                link = head[0]
+                if link is None:
+                    break  # (this connection's own handshake: below)
+                k = head[1]
+                take = k if k <= nf - i else nf - i
+                i += take
+                end = frames[i - 1][0]
+                link.inflight -= take
+                if take == k:
+                    routes.popleft()
+                else:
+                    head[1] = k - take
+                if not link.closed:
+                    session = link.session
+                    try:
+                        session.whole_replies(data if start == 0 and end == len(data) else data[start:end], take)
+                    except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
+                        link.conn.internal_error()
+                    else:
+                        if link.conn.paused:
+                            link.conn._check_backlog()
+                start = end
+                if link.on_drained is not None and link.drained():
+                    fn, link.on_drained = link.on_drained, None
+                    fn()
+            if i == nf and start == len(data):
+                return
+            if i:
+                frames = frames[i:]
         head = routes[0] if routes else None
-        start = prev = 0
+        prev = start
         for fr in frames:
             end = fr[0]
             if fr[1] == KIND_PUSH:  # (a server notice to the connection: belongs to no client)

@@ -283,6 +283,25 @@ class RequestParser:
         return bool(self._consumed_len or self._buf or self._chunks_len or self.streaming)
 
     def feed(self, data: bytes) -> tuple[list[Any], bytes]:
+        if (
+            _c_scan is not None
+            and not self._buf
+            and self._args is None
+            and not self._chunks
+            and self.error is None
+            and not self.streaming
+            and not self.unauth
+            and data[:1] == b"*"
+        ):
+            # the usual read: requests from a boundary, nothing held over
+            items, end, need, framed = _c_scan(data, 0, self.max_bulk, self._names, self._fastpat)
+            if need == 0 and end == len(data):  # whole requests only
+                self._tail = False
+                self._need = 0
+                self.framed = framed
+                return items, data
+            self._buf = data
+            return self._scan_c(items, end, need, framed)
         if self.error is not None:
             self.framed = 0
             return [], b""
@@ -336,10 +355,11 @@ class RequestParser:
         self.framed = len(cmds)
         return cmds, raw
 
-    def _scan_c(self) -> tuple[list[Any], bytes]:
-        """Frame from a request boundary in C; the Python parser takes over where C stops short."""
+    def _scan_c(self, *scanned: Any) -> tuple[list[Any], bytes]:
+        """Frame from a request boundary in C; the Python parser takes over where C stops short.
+        ``scanned``: what C already said of ``_buf`` (feed's first look), if it did."""
         buf = self._buf
-        items, end, need, framed = _c_scan(buf, 0, self.max_bulk, self._names, self._fastpat)
+        items, end, need, framed = scanned or _c_scan(buf, 0, self.max_bulk, self._names, self._fastpat)
         n = len(buf)
         if need >= 0 and end == 0 and n and self._tail:
             # the same incomplete request a second time (a slow client): the Python parser resumes

@@ -552,9 +552,28 @@ class Session:
         ):
             # Plain commands only (the usual pipeline): no policy verdicts, counted in runs.
             client = self.client
+            stats = self.stats
+            upstream = stats.upstream
+            tracker = stats.patterns
+            it = cmds[0]
+            if len(it) == 5 and len(cmds) == 1:
+                # one run of plain commands (the usual read): it goes upstream first and is
+                # accounted for after, off the round trip's path (its replies come in a later
+                # callback); the loop below does the same for any batch
+                n = it[2]
+                self.queued += n
+                self.up_n += n
+                self._write_upstream(raw)
+                name, timed = it[0]
+                self.pending.append((name, client, now, timed, n))
+                key = (client, name)
+                upstream[key] = upstream.get(key, 0) + n
+                if tracker is not None:
+                    tcur = tracker.cur
+                    tkey = (client, name, it[1])
+                    tcur[tkey] = tcur.get(tkey, 0) + n
+                return
             pending = self.pending
-            upstream = self.stats.upstream
-            tracker = self.stats.patterns
             tcur = tracker.cur if tracker is not None else None
             stop = self._stop
             last = None  # the entry this batch appended last: equal neighbours share one
@@ -885,6 +904,53 @@ class Session:
         self._write_upstream(raw)
 
     # -- upstream side ----------------------------------------------------------------------------
+    def whole_replies(self, data: bytes, n: int) -> None:
+        """``n`` whole ordinary replies (no error, push or pub/sub-shaped array), framed already
+        (proxy.pool): when they all answer the entry at the head of ``pending`` and nothing is
+        special, they are passed on and paired here, without framing them again; otherwise they go
+        the way of :meth:`upstream_data`."""
+        pending = self.pending
+        if (
+            self.n_special
+            or self.closed
+            or not pending
+            or self.internal_buf
+            or self.push_buf
+            or self.monitor
+            or not self.got_reply
+            or self.framer.in_frame
+            or self.quota_errors.tail
+        ):
+            self.upstream_data(data)
+            return
+        h = pending[0]
+        if type(h) is not tuple or h[4] < n:
+            self.upstream_data(data)
+            return
+        if not self.lingering:
+            self._send_client(data)  # first: what follows is off the round trip's path
+            self.stats.bytes["to_client"] += len(data)
+        now = self.clock()
+        stats = self.stats
+        stats.bytes["from_upstream"] += len(data)
+        self.last_reply_at = now
+        stats.last_reply_at = now
+        name, client, t0, timed, c = h
+        if c == n:
+            pending.popleft()
+        else:
+            pending[0] = (name, client, t0, timed, c - n)
+        self.queued -= n
+        counts = stats.commands
+        key = (client, name, "ok")
+        counts[key] = counts.get(key, 0) + n
+        if timed:
+            stats.observe_latency(name, now - t0, n)
+        if pending and type(pending[0]) is Pending and pending[0].expect == 0:
+            self._drain_head(None, now)
+        if self.closing:
+            self._maybe_close()
+
     def upstream_data(self, data: bytes) -> None:
         if self.closed:
             return

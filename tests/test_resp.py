@@ -150,10 +150,10 @@ def test_large_bulk_in_small_chunks_is_linear(monkeypatch: pytest.MonkeyPatch) -
     calls = 0
 
     def counting(orig):  # type: ignore[no-untyped-def]
-        def scan(self):  # type: ignore[no-untyped-def]
+        def scan(self, *scanned):  # type: ignore[no-untyped-def]
             nonlocal calls
             calls += 1
-            return orig(self)
+            return orig(self, *scanned)
 
         return scan
 
