@@ -275,14 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             lambda: start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir), "starting the proxy")
         targets = {"direct": redis_port, "proxy": proxy_port}
         if args.with_forwarder:
-            def start_forwarder() -> int:
+            def start_forwarder(script: str) -> int:
                 port = free_port()
-                log = work / "forwarder.log"
-                p = procs.start([args.python, str(REPO / "bench" / "forwarder.py"), str(port), str(redis_port)], log)
-                ready(procs, p, port, "forwarder", log)
+                log = work / f"{script}.log"
+                p = procs.start([args.python, str(REPO / "bench" / f"{script}.py"), str(port), str(redis_port)], log)
+                ready(procs, p, port, script, log)
                 return port
 
-            targets["forwarder"] = retry(start_forwarder, "starting the forwarder")
+            targets["forwarder"] = retry(lambda: start_forwarder("forwarder"), "starting the forwarder")
+            if args.pool:
+                targets["pool_forwarder"] = retry(lambda: start_forwarder("pool_forwarder"),
+                                                  "starting the pooled forwarder")
         if args.pool:
             pool_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
                                                      [*extra_proxy, "--upstream-pool", str(args.pool)], args.proxy_dir),
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     print(file=out)
     print_table(rows, out)
     if args.with_forwarder:
-        print("\nzero-work Python forwarder (the architecture's ceiling), same run, medians:", file=out)
+        print("\nzero-work Python forwarders (each design's ceiling), same run, medians:", file=out)
         for shape, _a, _p in shapes:
             for test in TESTS:
                 fw = results.get((shape, test, "forwarder"))
@@ -370,6 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                     f, dd, p = statistics.median(fw), statistics.median(d), statistics.median(pr)
                     print(f"  {shape:8} {test}: forwarder {f:>11,.0f} rps = {f / dd:.2f} of direct; "
                           f"respmeter = {p / f:.2f} of the forwarder", file=out)
+                pf = results.get((shape, test, "pool_forwarder"))
+                po = results.get((shape, test, "pool"))
+                tw = results.get((shape, test, "twem"))
+                if pf and d and po:
+                    f, dd, p = statistics.median(pf), statistics.median(d), statistics.median(po)
+                    print(f"  {shape:8} {test}: pooled forwarder {f:>11,.0f} rps = {f / dd:.2f} of direct"
+                          + (f", {f / statistics.median(tw):.2f} of twemproxy" if tw else "")
+                          + f"; pool = {p / f:.2f} of the pooled forwarder", file=out)
     if args.compare_tracking:
         print("\nkey-pattern tracking on / off (same run, medians):", file=out)
         for shape, _a, _p in shapes:
