@@ -4,6 +4,7 @@ connection, and a client that does not read its replies."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -352,3 +353,80 @@ def test_nothing_before_auth_opens_a_pool_connection(redis_factory, proxy_factor
     delta = commandstats_delta(before, commandstats(obs))
     mine = {k: v for k, v in delta.items() if k not in ("hello", "info")}  # (info: this test's own read)
     assert mine == {"get": 1}, delta  # (HELLO: the shared connection's own, once)
+
+
+def test_concurrent_clients_share_the_upstream_writes_and_reads(redis_factory, proxy_factory):
+    """40 clients each with one command in flight, sent together, for 100 rounds: the pool writes
+    the commands of one event-loop turn upstream together, so the server reads a few times per
+    round where it runs 40 commands; with the pool off it reads once per command. Every reply is
+    its own client's."""
+    rounds, n_clients = 100, 40
+    reads = {}
+    for pool in (1, 0):
+        upstream = redis_factory()
+        obs = upstream.client()
+        proxy = proxy_factory(upstream, ["--upstream-pool", str(pool)])
+        socks = [socket.create_connection((proxy.host, proxy.port), timeout=10) for _ in range(n_clients)]
+        for sk in socks:  # (connected, and its upstream side ready, before counting)
+            sk.sendall(b"PING\r\n")
+            assert sk.recv(100) == b"+PONG\r\n"
+        before = obs.info("stats")["total_reads_processed"]
+        for r in range(rounds):
+            for i, sk in enumerate(socks):
+                sk.sendall(b"*2\r\n$4\r\nINCR\r\n$%d\r\nn%d\r\n" % (len(str(i)) + 1, i))
+            for sk in socks:
+                assert _read_line(sk) == b":%d\r\n" % (r + 1)
+        reads[pool] = obs.info("stats")["total_reads_processed"] - before
+        for sk in socks:
+            sk.close()
+    commands = rounds * n_clients
+    assert reads[0] >= commands, reads
+    assert reads[1] <= commands / 4, reads
+
+
+def _read_line(sk: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"\r\n"):
+        chunk = sk.recv(1)
+        assert chunk, "connection closed"
+        out += chunk
+    return out
+
+
+def test_replies_split_across_reads_reach_each_pooled_client_whole(redis_factory, proxy_factory):
+    """One shared connection carries 1 MiB replies (cut across many reads) between other clients'
+    small pipelined ones: each client gets exactly its own replies, and the counts are exact."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    obs = upstream.client()
+    big = bytes(range(256)) * 4096
+    obs.set("big", big)
+    obs.set("small", "s")
+    before = commandstats(obs)
+    errors: list[BaseException] = []
+    rounds, n_clients = 20, 10
+
+    def worker(i: int) -> None:
+        try:
+            c = proxy.client()
+            for j in range(rounds):
+                if i % 2:
+                    assert c.get("big") == big
+                else:
+                    p = c.pipeline(transaction=False)
+                    p.get("small").incr(f"n{i}").get("small")
+                    assert p.execute() == [b"s", j + 1, b"s"]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    delta = commandstats_delta(before, commandstats(obs))
+    half = n_clients // 2
+    assert delta.get("get") == half * rounds + half * rounds * 2, delta
+    assert delta.get("incrby") == half * rounds, delta
+    counted = {k: int(v) for k, v in proxy.metric_sum("respmeter_commands_total", outcome="ok").items() if v}
+    assert counted.get("get") == delta["get"] and counted.get("incrby") == delta["incrby"], counted
