@@ -76,9 +76,11 @@ async def main(listen: int, upstream: int) -> None:
     await asyncio.Event().wait()
 
 
-if __name__ == "__main__":
+def serve(main) -> None:  # noqa: ANN001
+    """Run ``main(LISTEN_PORT, UPSTREAM_PORT)`` from the command line, on uvloop when installed."""
     listen_port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
-    if uvloop is not None:
-        uvloop.run(main(listen_port, upstream_port))
-    else:
-        asyncio.run(main(listen_port, upstream_port))
+    (uvloop.run if uvloop is not None else asyncio.run)(main(listen_port, upstream_port))
+
+
+if __name__ == "__main__":
+    serve(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from forwarder import nodelay, uvloop  # noqa: E402
+from forwarder import nodelay, serve  # noqa: E402
 
 from proxy import resp  # noqa: E402  (its C framing: this tool measures the design with it)
 
@@ -112,8 +112,4 @@ async def main(listen: int, upstream: int) -> None:
 
 
 if __name__ == "__main__":
-    listen_port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
-    if uvloop is not None:
-        uvloop.run(main(listen_port, upstream_port))
-    else:
-        asyncio.run(main(listen_port, upstream_port))
+    serve(main)

@@ -366,21 +366,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\nzero-work Python forwarders (each design's ceiling), same run, medians:", file=out)
         for shape, _a, _p in shapes:
             for test in TESTS:
-                fw = results.get((shape, test, "forwarder"))
-                d = results.get((shape, test, "direct"))
-                pr = results.get((shape, test, "proxy"))
-                if fw and d and pr:
-                    f, dd, p = statistics.median(fw), statistics.median(d), statistics.median(pr)
-                    print(f"  {shape:8} {test}: forwarder {f:>11,.0f} rps = {f / dd:.2f} of direct; "
-                          f"respmeter = {p / f:.2f} of the forwarder", file=out)
-                pf = results.get((shape, test, "pool_forwarder"))
-                po = results.get((shape, test, "pool"))
-                tw = results.get((shape, test, "twem"))
-                if pf and d and po:
-                    f, dd, p = statistics.median(pf), statistics.median(d), statistics.median(po)
-                    print(f"  {shape:8} {test}: pooled forwarder {f:>11,.0f} rps = {f / dd:.2f} of direct"
-                          + (f", {f / statistics.median(tw):.2f} of twemproxy" if tw else "")
-                          + f"; pool = {p / f:.2f} of the pooled forwarder", file=out)
+                med = {t: statistics.median(v) for t in TARGET_NAMES + ["forwarder", "pool_forwarder"]
+                       if (v := results.get((shape, test, t)))}
+                # (each forwarder beside the respmeter mode of its design)
+                for fwd, name, mode, label in (("forwarder", "forwarder", "proxy", "respmeter"),
+                                               ("pool_forwarder", "pooled forwarder", "pool", "pool")):
+                    f, d, p, tw = med.get(fwd), med.get("direct"), med.get(mode), med.get("twem")
+                    if f and d and p:
+                        print(f"  {shape:8} {test}: {name} {f:>11,.0f} rps = {f / d:.2f} of direct"
+                              + (f", {f / tw:.2f} of twemproxy" if tw else "")
+                              + f"; {label} = {p / f:.2f} of it", file=out)
     if args.compare_tracking:
         print("\nkey-pattern tracking on / off (same run, medians):", file=out)
         for shape, _a, _p in shapes:

@@ -1042,6 +1042,25 @@ class ProxyProcess(_ChildProcess):
         return metric_sum(self.metrics(), name, by=by, **label_filters)
 
 
+def in_threads(worker: Any, n: int, timeout: float = 120.0) -> list[BaseException]:
+    """Run ``worker(i)`` for i in range(n), each in a thread of its own, all at once; return what
+    they raised (an assert in a thread is otherwise only printed)."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            worker(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 # --------------------------------------------------------------------------
 # INFO commandstats
 # --------------------------------------------------------------------------

@@ -79,24 +79,16 @@ def test_daily_cap_holds_under_concurrent_pipelines(redis_factory, proxy_factory
     proxy = proxy_factory(server, ["--daily-cap", str(cap), "--state-dir", str(tmp_path / "state")], log_level="info")
     conns = [proxy.client(socket_timeout=60, **PLAIN) for _ in range(clients)]
     results: list[list | None] = [None] * clients
-    errors: list[BaseException] = []
     barrier = threading.Barrier(clients)
 
     def worker(i: int) -> None:
-        try:
-            pipe = conns[i].pipeline(transaction=False)
-            for _ in range(per_client):
-                pipe.incr(f"cap:{i}")
-            barrier.wait(timeout=30)
-            results[i] = pipe.execute(raise_on_error=False)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        pipe = conns[i].pipeline(transaction=False)
+        for _ in range(per_client):
+            pipe.incr(f"cap:{i}")
+        barrier.wait(timeout=30)
+        results[i] = pipe.execute(raise_on_error=False)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = support.in_threads(worker, clients)
     assert not errors, errors
     ok_total = 0
     for i, res in enumerate(results):

@@ -103,17 +103,14 @@ def test_short_lived_clients_cost_one_command_and_share_four_connections(redis_f
     the pool off, every client costs a connection and its handshake."""
 
     def run(proxy) -> None:
-        def worker() -> None:
+        def worker(_i: int) -> None:
             for _ in range(20):
                 c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
                 assert c.get("k") == b"v"
                 c.close()
 
-        threads = [threading.Thread(target=worker) for _ in range(50)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors = support.in_threads(worker, 50)
+        assert not errors, errors[:3]
 
     results = {}
     for pool in (4, 0):
@@ -402,27 +399,19 @@ def test_replies_split_across_reads_reach_each_pooled_client_whole(redis_factory
     obs.set("big", big)
     obs.set("small", "s")
     before = commandstats(obs)
-    errors: list[BaseException] = []
     rounds, n_clients = 20, 10
 
     def worker(i: int) -> None:
-        try:
-            c = proxy.client()
-            for j in range(rounds):
-                if i % 2:
-                    assert c.get("big") == big
-                else:
-                    p = c.pipeline(transaction=False)
-                    p.get("small").incr(f"n{i}").get("small")
-                    assert p.execute() == [b"s", j + 1, b"s"]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        c = proxy.client()
+        for j in range(rounds):
+            if i % 2:
+                assert c.get("big") == big
+            else:
+                p = c.pipeline(transaction=False)
+                p.get("small").incr(f"n{i}").get("small")
+                assert p.execute() == [b"s", j + 1, b"s"]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = support.in_threads(worker, n_clients)
     assert not errors, errors[:3]
     delta = commandstats_delta(before, commandstats(obs))
     half = n_clients // 2
