@@ -155,6 +155,39 @@ def test_tls_upstream_private_ca_and_masked_url(tls_material, redis_factory, pro
     scan(proxy)
 
 
+def test_upstream_pool_over_tls_with_a_password(tls_material, redis_factory, proxy_factory):
+    """The Upstash shape with --upstream-pool 2 (TLS and a password upstream): 200 short-lived
+    clients (connect, GET, close), 10 at a time, cost the server at most 2 TLS connections, exactly
+    200 GETs and no AUTH but the shared connections' own; what the proxy bills is what the server
+    ran, and the password is never printed."""
+    server = redis_factory(tls=tls_material, password=SECRET)
+    obs = server.client()
+    obs.set("k", "v")
+    known = server_known_commands(obs)
+    proxy = proxy_factory(server.url_with_auth("default", SECRET),
+                          [*tls_upstream_args(tls_material), "--upstream-pool", "2"])
+    time.sleep(0.3)  # (its start-up health probe)
+    conns0 = obs.info("stats")["total_connections_received"]
+    billed0 = upstream_by_command(proxy)
+    before = commandstats(obs)
+
+    def worker(_i: int) -> None:
+        for _ in range(20):
+            c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
+            assert c.get("k") == b"v"
+            c.close()
+
+    errors = support.in_threads(worker, 10)
+    assert not errors, errors[:3]
+    delta = commandstats_delta(before, commandstats(obs))
+    assert obs.info("stats")["total_connections_received"] - conns0 <= 2
+    assert delta.get("get") == 200, delta
+    assert delta.get("auth", 0) <= 2 and delta.get("hello", 0) <= 2, delta  # (each shared connection's own)
+    billed = commandstats_delta(billed0, upstream_by_command(proxy))
+    assert_counts_match(billed, delta, known)
+    scan(proxy)
+
+
 def test_tls_verifies_against_system_store_by_default(tls_material, redis_factory, proxy_factory):
     server = redis_factory(tls=tls_material)
     # no --upstream-ca: the test CA is not in the system store, so the upstream is refused...
