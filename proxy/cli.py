@@ -668,6 +668,11 @@ class App:
             health.auth_failed(f"upstream rejected the proxy's credentials: {text}")
             self.log.error("upstream rejected the proxy's credentials: %s", text)
 
+        def upstream_rejected(text: str) -> None:
+            stats.upstream_error("rejected")
+            health.failed(f"the server refused the connection: {text}")
+            self.log.warning("upstream refused a connection: %s", text)
+
         from .limits import Limits
         from .store import Store, default_state_dir
 
@@ -704,6 +709,7 @@ class App:
             limits=limits,
             call_later=lambda delay, fn: loop.call_later(delay, fn),
             on_upstream_auth_error=upstream_auth_error,
+            on_upstream_rejected=upstream_rejected,
             on_upstream_auth_ok=health.auth_ok,
             commands=self.command_policy,
         )

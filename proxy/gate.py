@@ -26,6 +26,7 @@ from . import commands as cmdtable
 from .commandpolicy import CommandPolicy
 from .paths import BLOCKING_NAMES
 from .pool import admit as pool_admit
+from .quotaerrors import credentials_refused
 from .resp import encode_command, encode_error
 from .session import Admission, Session
 
@@ -55,6 +56,7 @@ class Gate:
         clock: Callable[[], float] = time.monotonic,
         on_upstream_auth_error: Callable[[str], None] | None = None,
         on_upstream_auth_ok: Callable[[], None] | None = None,
+        on_upstream_rejected: Callable[[str], None] | None = None,
         commands: CommandPolicy | None = None,
         handshake: Any = None,
         savers: Any = None,
@@ -69,6 +71,7 @@ class Gate:
         self.clock = clock
         self.on_upstream_auth_error = on_upstream_auth_error
         self.on_upstream_auth_ok = on_upstream_auth_ok
+        self.on_upstream_rejected = on_upstream_rejected
         # answer a client's AUTH locally (never forward its credentials)?
         self.intercept_auth = verifier is not None or self.upstream_auth is not None
         # sessions whose login check holds a unit of their address's failure budget
@@ -96,7 +99,9 @@ class Gate:
         session.tx_denied = False  # a command was denied inside MULTI: its EXEC aborts
         session.hello_authed = False  # HELLO ... AUTH checked, waiting for the upstream connection
         session.up_pending = 0  # the proxy's handshake commands still to be answered
-        session.up_refused = False  # ... and one of them was refused
+        # ... and one of them was refused: True (the credentials), or the server's error reply
+        # when it refused the connection for its own reason (proxy.quotaerrors.credentials_refused)
+        session.up_refused = False
         if self.limits is not None:
             self.limits.init_session(session)
         if self.savers is not None:
@@ -373,15 +378,20 @@ class Gate:
         """A reply to the proxy's own AUTH/SELECT (or to the HELLO that carried its AUTH)."""
         session.up_pending -= 1
         if error:
-            session.up_refused = True
-            if self.on_upstream_auth_error is not None:
-                text = data[1:].strip().decode("utf-8", "replace") or "the upstream refused HELLO AUTH"
-                self.on_upstream_auth_error(text)
+            text = data[1:].strip().decode("utf-8", "replace")
+            if credentials_refused(data):
+                session.up_refused = True
+                if self.on_upstream_auth_error is not None:
+                    self.on_upstream_auth_error(text or "the upstream refused HELLO AUTH")
+            elif not session.up_refused:
+                session.up_refused = data  # (a connection limit, say: the client gets the server's words)
+                if self.on_upstream_rejected is not None:
+                    self.on_upstream_rejected(text)
         if session.up_pending > 0:
             return
         if session.up_refused:
             # fail closed: nothing of the client's is sent on a connection that is not the proxy's
-            session.refuse(UPSTREAM_REFUSED)
+            session.refuse(UPSTREAM_REFUSED if session.up_refused is True else session.up_refused)
             return
         session.up_ready = True
         if self.on_upstream_auth_ok is not None:

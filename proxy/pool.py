@@ -42,6 +42,7 @@ from typing import Any, Callable
 from . import commands as cmdtable
 from . import poolclients, resp
 from .metrics import PROXY_CLIENT
+from .quotaerrors import credentials_refused, unsupported
 from .resp import KIND_ERROR, KIND_PUSH, encode_command, encode_error
 from .server import P_UPSTREAM_FULL, classify_connect_error, open_upstream, tune_upstream
 
@@ -196,6 +197,7 @@ class SharedUpstream(asyncio.Protocol):
         self.due_since = 0.0  # when a reply last became due while none was
         self.hs_buf = bytearray()
         self.hs: list[tuple[list[bytes], Callable[[bool, bytes], None] | None]] = []
+        self.refusal: bytes | None = None  # the server's error reply refusing this connection
         self.up_full = False
 
     # -- connecting ----------------------------------------------------------------------------
@@ -249,6 +251,17 @@ class SharedUpstream(asyncio.Protocol):
         probe = PROBE_NAMES.get(tuple(args))
         if probe is not None:
             self.pool.known[probe] = None if not error else reply
+        elif error and not credentials_refused(reply) and not (args[0] == b"HELLO" and unsupported(reply)):
+            # the server refused the connection for its own reason (a connection limit): the
+            # clients waiting for it get its words, as they would without a pool
+            text = reply[1:].strip().decode("utf-8", "replace")
+            self.refusal = reply
+            self.pool.stats.upstream_error("rejected")
+            self.pool.health.failed(f"the server refused the connection: {text}")
+            log.warning("upstream pool: the server refused a shared connection: %s", text)
+            if self.transport is not None:
+                self.transport.abort()
+            return
         elif args[0] == b"HELLO":
             if not error:
                 self.pool.book.record("hello", args, reply, False, self.proto)
@@ -267,14 +280,19 @@ class SharedUpstream(asyncio.Protocol):
                 self.pool._attached(link, self)
 
     def _fail(self, reason: str) -> None:
-        """It could not be opened: the sessions waiting for it get the error (as without a pool)."""
+        """It could not be opened: the sessions waiting for it get the error (as without a pool:
+        the server's own when it refused the connection with one)."""
         self.dead = True
         self.pool.lost(self)
         waiters, self.waiters = self.waiters, []
         for link in waiters:
             s = link.session
             link.closed = True
-            if not s.closed:
+            if s.closed:
+                continue
+            if self.refusal is not None:
+                s.refuse(self.refusal)
+            else:
                 s.upstream_failed(reason)
 
     # -- writing ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Spotting a hosted Redis's "request quota used up" errors in the replies of one upstream
-connection, including an error reply split across reads. No I/O: the session hands it each read
-(only when the read holds an error reply, or may begin one)."""
+"""What an upstream's error replies mean: a hosted Redis's "request quota used up" errors, spotted
+in the replies of one upstream connection (including an error reply split across reads), and
+whether an error to the proxy's own handshake refuses its credentials or the connection itself.
+No I/O: the session hands it each read (only when the read holds an error reply, or may begin one)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ from typing import Any
 from .resp import KIND_ERROR
 
 KEEP = 200  # bytes of an error reply kept across reads: enough for the messages looked for
+
+
+def credentials_refused(reply: bytes) -> bool:
+    """An error reply to the proxy's own AUTH, HELLO ... AUTH or SELECT that refuses its
+    credentials (a wrong password, a user without the permission). Anything else is the server
+    refusing the connection for its own reason (Redis's 'max number of clients reached', Upstash's
+    'max concurrent connections exceeded', a db index out of range): a client is told that, in
+    the server's words, as it would be without the proxy."""
+    head = reply[:80].upper()
+    if head.startswith((b"-WRONGPASS", b"-NOAUTH", b"-NOPERM")):
+        return True
+    return head.startswith(b"-ERR") and (b"PASSWORD" in head or b"AUTH" in head)
+
+
+def unsupported(reply: bytes) -> bool:
+    """An error to HELLO that says the server does not speak it (an old server, or no RESP3)."""
+    head = reply[:80].upper()
+    return head.startswith(b"-NOPROTO") or (head.startswith(b"-ERR") and b"UNKNOWN COMMAND" in head)
 
 
 class QuotaErrors:

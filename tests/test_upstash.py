@@ -510,6 +510,35 @@ def test_wrong_upstream_password(redis_factory, proxy_factory):
     assert status == 503 and "credentials" in body, (status, body)
 
 
+@pytest.mark.parametrize("pool", [0, 2])
+def test_a_server_connection_limit_is_not_a_credentials_error(pool, redis_factory, proxy_factory):
+    """A server at its connection limit (Redis's maxclients; Upstash answers 'max concurrent
+    connections exceeded') refuses the proxy's connection with an error to its AUTH: the client gets
+    the server's own words, as it would straight to the server, and the operator is told the server
+    refused the connection (not that the password is wrong). Once connections are free again, the
+    same proxy serves."""
+    server = redis_factory(["--maxclients", "2"], password="the-real-one-123")
+    held = [server.client() for _ in range(2)]
+    for h in held:
+        assert h.ping()
+    proxy = proxy_factory(server.url_with_auth("default", "the-real-one-123"), ["--upstream-pool", str(pool)])
+    with RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        r = s.call("GET", "a")
+    assert r == RespError("ERR max number of clients reached"), r
+    assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("rejected", 0) >= 1
+    assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("auth", 0) == 0
+    status, body = proxy.healthz()
+    assert status == 503 and "refused the connection" in body and "credentials" not in body, (status, body)
+    assert "rejected the proxy's credentials" not in proxy.log_text()
+    for h in held:
+        h.close()
+    time.sleep(0.3)
+    with RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        assert s.call("SET", "a", "1") == b"OK" and s.call("GET", "a") == b"1"
+    assert eventually(lambda: proxy.healthz()[0] == 200)
+    scan(proxy)
+
+
 def test_wrong_upstream_password_resp3_client(redis_factory, proxy_factory):
     """A RESP3 client's first HELLO carries the proxy's credentials: when the upstream rejects them,
     the operator must learn it just as with the separate AUTH (log, metric)."""
