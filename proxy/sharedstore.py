@@ -14,7 +14,10 @@ counts; the local SQLite store keeps them too (a report of the stopped proxy).
 
 The client is synchronous, with short timeouts: a reservation is one round trip on the event loop,
 made once per block. When the state store cannot be reached, :class:`StateUnavailable` is raised and
-the caller fails closed.
+the caller fails closed; from then on nothing waits for the store on the event loop: a thread tries
+it every ``RETRY_EVERY`` seconds (:meth:`SyncRedis.probe`) and the calls start again once it
+answers, so a store that hangs (accepts connections and never replies, or drops them) holds the
+proxy up once, for at most the timeout, not at each try.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +40,7 @@ log = logging.getLogger("respmeter.state")
 
 TTL = 40 * 86400  # seconds a window's keys outlive their last write (longer than any window)
 DEAD_AFTER = 180.0  # seconds without a push before another proxy's lease counts as dead (all used)
-RETRY_EVERY = 5.0  # seconds between tries of an unreachable state store (each may block up to its timeout)
+RETRY_EVERY = 5.0  # seconds between tries of an unreachable state store (in a thread: see SyncRedis.probe)
 PUSH_EVERY = 60.0  # seconds between pushes of what this process spent (and its heartbeat)
 # with --state-url upstream: budget of each window set aside for the first state call of instances
 # new in it, once the rest is spent (the cap is reached; see CHARGE); at most a tenth of the cap
@@ -189,20 +193,39 @@ class SyncRedis:
         self.sent = 0  # commands sent so far (handshakes included)
         self.sock: socket.socket | None = None
 
-    def _connect(self) -> socket.socket:
+    def _open(self) -> socket.socket:
         if isinstance(self.address, str):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             sock.connect(self.address)
-        else:
-            sock = socket.create_connection(self.address, timeout=self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or self.address[0])
-        self.sock = sock
+            return sock
+        sock = socket.create_connection(self.address, timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname or self.address[0])
+        return sock
+
+    def _connect(self) -> socket.socket:
+        self.sock = self._open()
         for args in self.handshake:
             self._roundtrip(args)
-        return sock
+        return self.sock
+
+    def probe(self, commands: bool) -> None:
+        """Does the state store answer? A connection of its own (nothing shared with :meth:`call`,
+        so a thread may run this), opened and, with ``commands``, sent the handshake and a PING
+        (without: TCP and TLS only, when every command is billed). StateUnavailable when not."""
+        sock = None
+        try:
+            sock = self._open()
+            if commands:
+                for args in [*self.handshake, [b"PING"]]:
+                    self._exchange(sock, args)
+        except (OSError, StateUnavailable) as exc:
+            raise StateUnavailable(str(exc) or exc.__class__.__name__) from None
+        finally:
+            if sock is not None:
+                sock.close()
 
     def call(self, *args: bytes | str | int) -> Any:
         """Send one command and return its reply; StateUnavailable on any failure (and reconnect next
@@ -221,13 +244,17 @@ class SyncRedis:
         self.sent += 1
         if self.on_command is not None:
             self.on_command(args[0])
-        self.sock.sendall(encode_command(args))
+        return self._exchange(self.sock, args)
+
+    @staticmethod
+    def _exchange(sock: socket.socket, args: list[bytes]) -> Any:
+        sock.sendall(encode_command(args))
         reader = hiredis.Reader()
         while True:
             reply = reader.gets()
             if reply is not False:
                 break
-            data = self.sock.recv(65536)
+            data = sock.recv(65536)
             if not data:
                 raise StateUnavailable("the state store closed the connection")
             reader.feed(data)
@@ -272,7 +299,10 @@ class SharedStore:
         self.mine: dict[tuple[str, str], int] = {}  # (win, scope) -> what this process spent
         self.pushed_at = 0.0
         self.healthy = True  # the last call to the state store succeeded
-        self.failed_at = float("-inf")
+        self.failed_at = float("-inf")  # when it failed, or was last tried in a thread since
+        self.reason = ""  # why it failed
+        self.answered = False  # a thread's try found it answering again: the next flush calls it
+        self.probing = False
         self._used: dict[tuple[str, str], tuple[float, Any]] = {}  # (win, scope) -> (when, HGETALL)
         self.billed = billed
         self.charged: dict[str, int] = {}  # win -> the global cap each call is paid from (billed)
@@ -316,13 +346,40 @@ class SharedStore:
     def _eval(self, script: bytes, keys: list[bytes], args: list[Any]) -> Any:
         try:
             out = self.link.call(b"EVAL", script, len(keys), *keys, *args)
-        except StateUnavailable:
-            self.healthy = False
-            self.failed_at = self.clock()
+        except StateUnavailable as exc:
+            self._failed(str(exc))
             raise
         self.paid = self.link.sent
         self.healthy = True
         return out
+
+    def _failed(self, reason: str) -> None:
+        self.healthy = False
+        self.failed_at = self.clock()
+        self.reason = reason
+
+    def _down(self) -> StateUnavailable:
+        """What a call gets while the store is unreachable: it is not tried on the event loop."""
+        return StateUnavailable(self.reason or "the shared state store is unreachable")
+
+    def _retry(self) -> None:
+        """The store is unreachable: try it again in a thread (a store that hangs must not hold the
+        event loop up at each try); :meth:`flush` calls it once that finds it answering."""
+        if self.probing:
+            return
+        self.probing = True
+        self.failed_at = self.clock()
+
+        def run() -> None:
+            try:
+                self.link.probe(commands=not self.billed)  # (billed: no command the caps did not pay)
+                self.answered = True
+            except StateUnavailable as exc:
+                self.reason = str(exc)
+            finally:
+                self.probing = False
+
+        threading.Thread(target=run, name="respmeter-state-probe", daemon=True).start()
 
     def _charge_args(self) -> list[Any]:
         if not self.billed:
@@ -341,6 +398,8 @@ class SharedStore:
 
     # -- leases --------------------------------------------------------------------------------------
     def reserve(self, wants: list[tuple[str, str, int, int]]) -> list[int]:
+        if not self.healthy:
+            raise self._down()
         if not self.affordable():
             return [0] * len(wants)  # (another call would pass the cap it would be paid from)
         asked = {(w, s): (n, cap) for w, s, n, cap in wants}
@@ -379,7 +438,11 @@ class SharedStore:
         if self.healthy:
             due = now - self.pushed_at >= self.push_every
         else:
-            due = now - self.failed_at >= RETRY_EVERY  # (each try may block up to the timeout)
+            due, self.answered = self.answered, False
+            if not due:
+                if now - self.failed_at >= RETRY_EVERY:
+                    self._retry()
+                return  # (what was spent is pushed once the store answers again)
         if (release or due) and self.affordable():
             rel = {(w, s): n for w, s, n in release}
             was = self.healthy
@@ -390,6 +453,7 @@ class SharedStore:
                     log.error("shared state store unreachable: %s", exc)
                 return
             if not was:
+                self.healthy = True  # (also when there was nothing to push: it answered the try)
                 log.warning("shared state store reachable again")
             # windows that ended went back above (their release): no need to push them again
             current = {(w, sc) for w, sc, _ in spent}
@@ -463,6 +527,8 @@ class SharedStore:
     def fleet_traffic(self, win: str) -> dict[str, Any]:
         """The fleet's key-pattern counts, saved commands and alive spans of ``win``, per instance
         (what this process has not pushed yet is pushed first, in the same call)."""
+        if not self.healthy:
+            raise self._down()
         if not self.affordable():
             raise StateUnavailable("the cap is reached: reading the fleet's traffic would pass it")
         patterns, saved, alive = self._push({}, close=False, read=(win,))
@@ -494,15 +560,13 @@ class SharedStore:
         cached = self._used.get((win, scope))
         if cached is not None and (now - cached[0] < 2 * self.push_every or self.billed):
             raw = cached[1]  # (from the last push: a scrape must not cost a state call, billed with upstream)
-        elif self.billed or (not self.healthy and now - self.failed_at < RETRY_EVERY):
+        elif self.billed or not self.healthy:
             return self.local.used(win, scope, own_spent)
         else:
             try:
                 raw = self.link.call(b"HGETALL", lk)
-                self.healthy = True
-            except StateUnavailable:
-                self.healthy = False
-                self.failed_at = now
+            except StateUnavailable as exc:
+                self._failed(str(exc))
                 return self.local.used(win, scope, own_spent)
             self._used[(win, scope)] = (now, raw)
         total = 0

@@ -3,6 +3,7 @@ counts, under concurrency, kill -9 and a state store that goes away."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -350,3 +351,44 @@ def urlopen_json(proxy, path: str) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}{path}", timeout=10) as resp:
         return resp.read().decode()
+
+
+def test_a_state_store_that_hangs_holds_no_client_up(redis_factory, proxy_factory):
+    """The state store stops answering (SIGSTOP: the kernel still accepts connections, nothing is
+    replied). The proxy finds it down once (that call waits for the 1 s timeout); after that its
+    tries to reach it again (every 5 s) run in a thread, so over the next 12 s a bystander's worst
+    round trip stays far below the timeout. When the store answers again, commands are served
+    again."""
+    upstream, state, proxies = _fleet(redis_factory, proxy_factory, 1)
+    proxy = proxies[0]
+    c = proxy.client()
+    assert c.incr("x") == 1
+    os.kill(state.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 20
+        err = None
+        while err is None and time.monotonic() < deadline:
+            try:
+                c.incr("x")
+            except Exception as exc:  # noqa: BLE001 - the refusal looked for
+                err = str(exc)
+        assert err is not None and "usage state unavailable" in err, err
+        worst = 0.0
+        with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+            end = time.monotonic() + 12
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                s.call("PING")  # (PONG, or the refusal: either way the proxy's event loop answered)
+                worst = max(worst, time.monotonic() - t0)
+                time.sleep(0.02)
+        assert worst < 0.5, f"a bystander waited {worst:.2f}s"
+    finally:
+        os.kill(state.pid, signal.SIGCONT)
+
+    def served() -> bool:
+        try:
+            return c.incr("x") > 1
+        except Exception:  # noqa: BLE001 - not yet
+            return False
+
+    assert support.eventually(served, timeout=20)
