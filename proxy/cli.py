@@ -753,7 +753,8 @@ class App:
                     return json_response(fleet_traffic(limits.store, limits))
                 except StateUnavailable as exc:
                     return json_response({"error": f"the fleet's traffic cannot be read: {exc}"}, 503)
-            return json_response(live_traffic(stats, limits, window, savers=savers.enabled if savers is not None else ()))
+            return json_response(live_traffic(stats, limits, window, savers=savers.enabled if savers is not None else (),
+                                              pool=opts["upstream_pool"]))
 
         admin.add_route("/api/traffic", api_patterns)
         if not await self._start_listeners(proxy, admin):

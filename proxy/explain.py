@@ -187,6 +187,8 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
 
 
+# the source whose commands the upstream pool answers for the clients on it (--upstream-pool)
+POOL_GOVERNED = "redis_py.handshake"
 # sources whose upstream rate a saver sets when it is on: (saver, what still goes upstream)
 SAVER_GOVERNED = {
     "celery.broker_polling": ("poll", "one held BRPOP per --saver-hold (300 s)"),
@@ -289,6 +291,12 @@ def build_report(
             "notes": list(s.notes),
         }
         governed = SAVER_GOVERNED.get(sid)
+        if sid == POOL_GOVERNED and traffic.get("upstream_pool"):
+            # the pool answers these already: its knob would save nothing more
+            entry["knobs"] = [k for k in knobs if "--upstream-pool" not in k["setting"]]
+            entry["notes"].insert(0, f"the upstream pool (--upstream-pool {traffic['upstream_pool']}) answers the "
+                                     "handshake of clients on it; what still goes upstream is each shared "
+                                     "connection's own, once, and that of clients that left the pool")
         if governed is not None and governed[0] in savers_on:
             # what reaches the upstream from this source is set by the saver, not by the client's
             # settings: their savings would be wrong
@@ -446,9 +454,10 @@ def _hit_at(used: int, cap: int | None, per_day: float, now: float, window: dict
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
 
 
-def live_traffic(stats: Any, limits: Any, window: float, savers: Any = None) -> dict[str, Any]:
+def live_traffic(stats: Any, limits: Any, window: float, savers: Any = None, pool: int = 0) -> dict[str, Any]:
     """The traffic table of a running proxy over the last ``window`` seconds, and what its savers
-    answered over it (``savers``: the names of the savers on, when the caller knows them)."""
+    answered over it (``savers``: the names of the savers on, when the caller knows them; ``pool``:
+    its --upstream-pool)."""
     tracker = stats.patterns
     rows = []
     span = 0.0
@@ -466,7 +475,7 @@ def live_traffic(stats: Any, limits: Any, window: float, savers: Any = None) -> 
     return {"window_seconds": window, "measured_seconds": round(span, 3), "rows": rows, "from": "live",
             "tracking": tracker is not None, "measured_from": round(end - span, 3), "measured_until": round(end, 3),
             "saved": saved, "saved_measured_seconds": round(saved_span, 3),
-            "savers": sorted(savers) if savers is not None else None}
+            "savers": sorted(savers) if savers is not None else None, "upstream_pool": pool}
 
 
 def _saved_rows(stats: Any, window: float) -> tuple[list[dict[str, Any]], float]:

@@ -235,3 +235,21 @@ def test_rules_name_only_known_evidence() -> None:
     bad = '[[source]]\nid = "x"\nname = "x"\nneeds = ["nope"]\nmatch = [{ command = "get" }]\n'
     with pytest.raises(RulesError, match="unknown evidence"):
         load_sources(bad)
+
+
+def test_per_connection_handshakes_point_to_the_upstream_pool() -> None:
+    """A web app connecting per request: its handshakes are a source, and the first knob is the
+    proxy's own --upstream-pool (no client change), saving all of it; with the pool on, that knob
+    is gone and a note says what still goes upstream."""
+    rows = [("hello", "", 600), ("client|setinfo", "", 1200), ("client|maint_notifications", "", 600),
+            ("get", "page:*", 600)]
+    rep = build_report(table(rows), None)
+    hs = next(s for s in rep["sources"] if s["id"] == "redis_py.handshake")
+    assert hs["count"] == 2400
+    pool = hs["knobs"][0]
+    assert "--upstream-pool" in pool["setting"] and pool["saving_per_day"] == hs["per_day"] == 345_600
+    on = build_report({**table(rows), "upstream_pool": 4}, None)
+    hs_on = next(s for s in on["sources"] if s["id"] == "redis_py.handshake")
+    assert not any("--upstream-pool" in k["setting"] for k in hs_on["knobs"]) and len(hs_on["knobs"]) == 2
+    assert hs_on["notes"][0].startswith("the upstream pool (--upstream-pool 4) answers the handshake")
+    assert "--upstream-pool 4" in format_report(on)
