@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .redisglob import compile_glob
-from .session import Admission
+from .entries import Admission
 
 MAX_CHANNELS = 1024  # watched channels whose last real reply is remembered
 

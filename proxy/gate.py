@@ -28,7 +28,8 @@ from .paths import BLOCKING_NAMES
 from .pool import admit as pool_admit
 from .quotaerrors import credentials_refused
 from .resp import encode_command, encode_error
-from .session import Admission, Session
+from .entries import Admission
+from .session import Session
 
 log = logging.getLogger("respmeter.gate")
 

@@ -24,7 +24,8 @@ from .paths import BLOCKING, block_timeout
 from .resp import encode_command, encode_error
 from .savedcounts import saved_window
 from .store import StateUnavailable
-from .session import Admission, Session
+from .entries import Admission
+from .session import Session
 
 log = logging.getLogger("respmeter.limits")
 

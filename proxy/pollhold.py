@@ -35,7 +35,7 @@ from typing import Any
 
 import hiredis
 
-from .session import RELAY_CLIENT, RELAY_UPSTREAM, Admission
+from .entries import RELAY_CLIENT, RELAY_UPSTREAM, Admission
 
 log = logging.getLogger("respmeter.savers")
 

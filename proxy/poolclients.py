@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from .session import Admission
+from .entries import Admission
 
 log = logging.getLogger("respmeter.pool")
 

@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .saverconfig import NAMES, SaverConfig
-from .session import Admission
+from .saverconfig import SaverConfig
+from .entries import Admission
 
 COUNTED = ""  # a verdict's outcome when the saver counted the command itself (Stats.count_saved)
 PING_ALIVE = 30.0  # seconds: PING is answered locally while the upstream replied this recently
