@@ -1061,6 +1061,21 @@ def in_threads(worker: Any, n: int, timeout: float = 120.0) -> list[BaseExceptio
     return errors
 
 
+def short_lived_gets(proxy: Any, clients: int, each: int, key: str = "k", value: bytes = b"v") -> None:
+    """``clients`` threads at once, each ``each`` times: a new redis-py client connects to ``proxy``,
+    GETs ``key`` (asserted to be ``value``) and closes: a web app that connects per request."""
+    import redis
+
+    def worker(_i: int) -> None:
+        for _ in range(each):
+            c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
+            assert c.get(key) == value
+            c.close()
+
+    errors = in_threads(worker, clients)
+    assert not errors, errors[:3]
+
+
 # --------------------------------------------------------------------------
 # INFO commandstats
 # --------------------------------------------------------------------------

@@ -102,16 +102,6 @@ def test_short_lived_clients_cost_one_command_and_share_four_connections(redis_f
     upstream accepts at most 4 connections and executes exactly 1,000 GETs and no handshake; with
     the pool off, every client costs a connection and its handshake."""
 
-    def run(proxy) -> None:
-        def worker(_i: int) -> None:
-            for _ in range(20):
-                c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
-                assert c.get("k") == b"v"
-                c.close()
-
-        errors = support.in_threads(worker, 50)
-        assert not errors, errors[:3]
-
     results = {}
     for pool in (4, 0):
         upstream = redis_factory()
@@ -121,7 +111,7 @@ def test_short_lived_clients_cost_one_command_and_share_four_connections(redis_f
         time.sleep(0.3)  # (its start-up health probe: a connection that sends nothing)
         conns0 = obs.info("stats")["total_connections_received"]
         before = commandstats(obs)
-        run(proxy)
+        support.short_lived_gets(proxy, 50, 20)
         time.sleep(0.2)
         delta = commandstats_delta(before, commandstats(obs))
         results[pool] = (obs.info("stats")["total_connections_received"] - conns0, delta)

@@ -171,14 +171,7 @@ def test_upstream_pool_over_tls_with_a_password(tls_material, redis_factory, pro
     billed0 = upstream_by_command(proxy)
     before = commandstats(obs)
 
-    def worker(_i: int) -> None:
-        for _ in range(20):
-            c = redis.Redis(host=proxy.host, port=proxy.port, socket_timeout=10)
-            assert c.get("k") == b"v"
-            c.close()
-
-    errors = support.in_threads(worker, 10)
-    assert not errors, errors[:3]
+    support.short_lived_gets(proxy, 10, 20)
     delta = commandstats_delta(before, commandstats(obs))
     assert obs.info("stats")["total_connections_received"] - conns0 <= 2
     assert delta.get("get") == 200, delta
