@@ -6,8 +6,13 @@ Starts its own processes, all on free loopback ports, and stops them on exit, Ct
 * a ``redis-server`` (``--save '' --appendonly no``);
 * the proxy from this repo (``python -m proxy run``, same interpreter as this script unless
   ``--python``), in front of it;
+* the same proxy with ``--upstream-pool N`` (``--pool``, 1 by default; 0 skips it): its ratios to
+  twemproxy are the pool's record;
 * when ``nutcracker`` (twemproxy) is on PATH, a twemproxy in front of the same redis-server, with a
-  one-server pool (config written to a temp dir, stats port on loopback).
+  one-server pool (config written to a temp dir, stats port on loopback);
+* with ``--with-forwarder``, the ceilings of both designs in Python: ``bench/forwarder.py`` (one
+  upstream connection per client, no parsing) and ``bench/pool_forwarder.py`` (the pool's design,
+  one shared connection with the same C framing, no counting or policy).
 
 Then for each shape (``-c 50``, ``-c 50 -P 16``, ``-c 1``) it runs ``redis-benchmark -t set,get``
 against each target, interleaved (direct, proxy, twem, direct, proxy, twem, ...) for ``--rounds``
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 if any proxy/direct ratio is below this")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
     ap.add_argument("--with-forwarder", action="store_true",
-                    help="also run bench/forwarder.py: a zero-work Python pass-through, the ceiling of this architecture")
+                    help="also run bench/forwarder.py and (with --pool) bench/pool_forwarder.py: zero-work Python "
+                         "pass-throughs, the ceilings of the two designs")
     ap.add_argument("--pool", type=int, default=1, metavar="N",
                     help="also run respmeter with --upstream-pool N (its ratios to twemproxy are the pool's "
                          "record); 0: skip [%(default)s]")
