@@ -112,7 +112,9 @@ def pool(size: int, settings: Any, stats: Any, health: Any, book: Any, gate: Any
     the commands that pin a client or are answered for it never take the session's fast path."""
     from .pool import UpstreamPool, slow_names
 
-    p = UpstreamPool(size, settings, stats, health, book, gate.upstream_auth, limits=limits, loop=loop)
+    p = UpstreamPool(size, settings, stats, health, book, gate.upstream_auth, limits=limits, loop=loop,
+                     on_auth_error=gate.on_upstream_auth_error, on_rejected=gate.on_upstream_rejected,
+                     on_auth_ok=gate.on_upstream_auth_ok)
     gate.pool = p
     gate.slow_names = gate.slow_names | slow_names()
     return p

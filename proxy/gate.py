@@ -26,7 +26,7 @@ from . import commands as cmdtable
 from .commandpolicy import CommandPolicy
 from .paths import BLOCKING_NAMES
 from .pool import admit as pool_admit
-from .quotaerrors import credentials_refused
+from .quotaerrors import UPSTREAM_REFUSED, credentials_refused
 from .resp import encode_command, encode_error
 from .entries import Admission
 from .session import Session
@@ -35,7 +35,6 @@ log = logging.getLogger("respmeter.gate")
 
 FORWARD = (Admission.FORWARD, None, "")
 OK = b"+OK\r\n"
-UPSTREAM_REFUSED = encode_error("ERR upstream rejected the proxy's credentials")
 DENIED = "rejected:denied"
 # Redis's own answer to an EXEC after a command was refused while queueing
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"

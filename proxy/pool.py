@@ -42,7 +42,7 @@ from typing import Any, Callable
 from . import commands as cmdtable
 from . import poolclients, resp
 from .metrics import PROXY_CLIENT
-from .quotaerrors import credentials_refused, unsupported
+from .quotaerrors import UPSTREAM_REFUSED, credentials_refused, unsupported
 from .resp import KIND_ERROR, KIND_PUSH, encode_command, encode_error
 from .server import P_UPSTREAM_FULL, classify_connect_error, open_upstream, tune_upstream
 
@@ -251,14 +251,20 @@ class SharedUpstream(asyncio.Protocol):
         probe = PROBE_NAMES.get(tuple(args))
         if probe is not None:
             self.pool.known[probe] = None if not error else reply
-        elif error and not credentials_refused(reply) and not (args[0] == b"HELLO" and unsupported(reply)):
-            # the server refused the connection for its own reason (a connection limit): the
-            # clients waiting for it get its words, as they would without a pool
+        elif error and not (args[0] == b"HELLO" and unsupported(reply)):
+            # its credentials, or the connection itself (a connection limit), refused: told as
+            # without a pool (the gate's hooks), and the clients waiting for it get the same error
             text = reply[1:].strip().decode("utf-8", "replace")
-            self.refusal = reply
-            self.pool.stats.upstream_error("rejected")
-            self.pool.health.failed(f"the server refused the connection: {text}")
-            log.warning("upstream pool: the server refused a shared connection: %s", text)
+            pool = self.pool
+            if credentials_refused(reply):
+                self.refusal = UPSTREAM_REFUSED
+                if pool.on_auth_error is not None:
+                    pool.on_auth_error(text or "the upstream refused HELLO AUTH")
+            else:
+                self.refusal = reply
+                if pool.on_rejected is not None:
+                    pool.on_rejected(text)
+            self.dead = True  # (the replies after it in this read are not looked at: it is over)
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -268,13 +274,11 @@ class SharedUpstream(asyncio.Protocol):
             elif self.proto == 3:
                 self._broken(f"upstream refused HELLO 3: {reply[:200]!r}")
                 return
-        elif error:
-            self.pool.health.failed("upstream refused the proxy's credentials")
-            self._broken("upstream refused the proxy's credentials (AUTH/SELECT)")
-            return
         if not self.hs:
             self.ready = True
             self.pool.health.ok()
+            if self.pool.on_auth_ok is not None:
+                self.pool.on_auth_ok()
             waiters, self.waiters = self.waiters, []
             for link in waiters:
                 self.pool._attached(link, self)
@@ -512,8 +516,15 @@ class UpstreamPool:
     """``size`` shared upstream connections per protocol, opened when first needed."""
 
     def __init__(self, size: int, settings: Any, stats: Any, health: Any, book: Any, upstream_auth: Any,
-                 limits: Any = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 limits: Any = None, loop: asyncio.AbstractEventLoop | None = None,
+                 on_auth_error: Callable[[str], None] | None = None,
+                 on_rejected: Callable[[str], None] | None = None,
+                 on_auth_ok: Callable[[], None] | None = None) -> None:
         self.size = size
+        # what a shared connection's handshake tells, refused or accepted (proxy.gate's hooks)
+        self.on_auth_error = on_auth_error
+        self.on_rejected = on_rejected
+        self.on_auth_ok = on_auth_ok
         self.settings = settings
         self.stats = stats
         self.health = health

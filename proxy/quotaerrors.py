@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .resp import KIND_ERROR
+from .resp import KIND_ERROR, encode_error
 
 KEEP = 200  # bytes of an error reply kept across reads: enough for the messages looked for
+
+
+# what a client gets when the upstream refuses the proxy's credentials (it fails closed)
+UPSTREAM_REFUSED = encode_error("ERR upstream rejected the proxy's credentials")
 
 
 def credentials_refused(reply: bytes) -> bool:

@@ -489,12 +489,15 @@ def test_acl_user(tls_material, redis_factory, proxy_factory):
     scan(proxy)
 
 
-def test_wrong_upstream_password(redis_factory, proxy_factory):
+@pytest.mark.parametrize("pool", [0, 2])
+def test_wrong_upstream_password(pool, redis_factory, proxy_factory):
+    """Told the same with or without the upstream pool: the client's error, the log, the metric
+    (kind auth) and /healthz."""
     server = redis_factory(password="the-real-one-123")
-    proxy = proxy_factory(f"redis://default:{SECRET}@127.0.0.1:{server.port}")
+    proxy = proxy_factory(f"redis://default:{SECRET}@127.0.0.1:{server.port}", ["--upstream-pool", str(pool)])
     with RespSocket(proxy.host, proxy.port, timeout=10) as s:
         r = s.call("GET", "a")
-        assert isinstance(r, RespError), r  # an error, not a hang
+    assert r == RespError("ERR upstream rejected the proxy's credentials"), r
     log = proxy.log_text()
     assert "rejected the proxy's credentials" in log
     assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("auth") == 1
