@@ -670,8 +670,10 @@ class App:
 
         def upstream_rejected(text: str) -> None:
             stats.upstream_error("rejected")
-            health.failed(f"the server refused the connection: {text}")
+            health.broken(f"the server refused the connection: {text}")
             self.log.warning("upstream refused a connection: %s", text)
+
+        stats.on_upstream_refused = upstream_rejected
 
         from .limits import Limits
         from .store import Store, default_state_dir

@@ -75,7 +75,8 @@ class Health:
         self.auth_reason = ""
 
     def broken(self, reason: str) -> None:
-        """The upstream does not speak RESP, or stalled: unhealthy until one replies again."""
+        """The upstream does not speak RESP, stalled, or refused a connection (at its connection
+        limit, a bare connect still succeeds): unhealthy until one replies again."""
         self.failed(reason)
         self.broken_reason = reason
 

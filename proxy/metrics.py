@@ -149,6 +149,9 @@ class Stats:
         # connection got its first RESP reply (proxy.health keeps them)
         self.on_upstream_broken: Callable[[str], None] | None = None
         self.on_upstream_reply: Callable[[], None] | None = None
+        # told the error a server greets a new connection with before anything was asked of it
+        # (Redis at maxclients writes it and closes): the server refused the connection
+        self.on_upstream_refused: Callable[[str], None] | None = None
         self.last_reply_at = 0.0  # when an upstream connection last sent anything (session clock)
         self.saver_item_held_max = 0.0  # proxy.pollhold: the longest an item stayed in the proxy
 

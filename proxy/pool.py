@@ -277,6 +277,7 @@ class SharedUpstream(asyncio.Protocol):
         if not self.hs:
             self.ready = True
             self.pool.health.ok()
+            self.pool.health.replied()
             if self.pool.on_auth_ok is not None:
                 self.pool.on_auth_ok()
             waiters, self.waiters = self.waiters, []

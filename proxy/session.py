@@ -914,6 +914,10 @@ class Session:
             self.got_reply = True  # the first RESP from this connection: the upstream speaks it
             if self.stats.on_upstream_reply is not None:
                 self.stats.on_upstream_reply()
+            if not self.pending and data[:1] == b"-" and self.stats.on_upstream_refused is not None:
+                # an error before anything was asked: the server refuses the connection (and closes
+                # it). The client gets its words as it would straight from the server.
+                self.stats.on_upstream_refused(data[1:].split(b"\r\n", 1)[0].decode("utf-8", "replace"))
         errors = False
         if self.n_special == 0 and not self.internal_buf:
             # Fast path: every byte goes to the client as it came.

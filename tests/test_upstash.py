@@ -507,18 +507,21 @@ def test_wrong_upstream_password(pool, redis_factory, proxy_factory):
 
 
 @pytest.mark.parametrize("pool", [0, 2])
-def test_a_server_connection_limit_is_not_a_credentials_error(pool, redis_factory, proxy_factory):
+@pytest.mark.parametrize("pause", [0, 0.3])
+def test_a_server_connection_limit_is_not_a_credentials_error(pool, pause, redis_factory, proxy_factory):
     """A server at its connection limit (Redis's maxclients; Upstash answers 'max concurrent
-    connections exceeded') refuses the proxy's connection with an error to its AUTH: the client gets
-    the server's own words, as it would straight to the server, and the operator is told the server
-    refused the connection (not that the password is wrong). Once connections are free again, the
-    same proxy serves."""
+    connections exceeded') refuses the proxy's connection with an error (Redis writes it as soon as
+    it accepts, before the proxy's AUTH; with ``pause`` the client's first command comes well after
+    it): the client gets the server's own words, as it would straight to the server, and the
+    operator is told the server refused the connection (not that the password is wrong). Once
+    connections are free again, the same proxy serves."""
     server = redis_factory(["--maxclients", "2"], password="the-real-one-123")
     held = [server.client() for _ in range(2)]
     for h in held:
         assert h.ping()
     proxy = proxy_factory(server.url_with_auth("default", "the-real-one-123"), ["--upstream-pool", str(pool)])
     with RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        time.sleep(pause)
         r = s.call("GET", "a")
     assert r == RespError("ERR max number of clients reached"), r
     assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("rejected", 0) >= 1
