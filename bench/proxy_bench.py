@@ -17,7 +17,9 @@ Starts its own processes, all on free loopback ports, and stops them on exit, Ct
 Then for each shape (``-c 50``, ``-c 50 -P 16``, ``-c 1``) it runs ``redis-benchmark -t set,get``
 against each target, interleaved (direct, proxy, twem, direct, proxy, twem, ...) for ``--rounds``
 rounds so machine noise hits all targets alike, and reports the median requests/second per target and
-the ratios to direct.
+the ratios to direct. Beside them, the CPU each proxy's own process used per request, user and
+system (from /proc, read around each run): a steadier measure than requests/second on a shared
+machine, and it tells the proxy's own work (user) from the system calls' (system).
 
 ``-n``: unless ``--n`` is given, a short calibration run per shape and target picks the request
 count so that each run (SET + GET) takes about ``--seconds`` (3 s; 1 s with ``--quick``).
@@ -104,13 +106,26 @@ def start_redis(procs: Procs, work: Path, server: str) -> int:
 
 
 def start_proxy(procs: Procs, work: Path, python: str, redis_port: int, extra: list[str],
-                proxy_dir: Path) -> tuple[int, int]:
-    port, admin, _ = _start_proxy(procs, work, python, redis_port, extra, proxy_dir)
-    return port, admin
+                proxy_dir: Path) -> tuple[int, int, int]:
+    """(port, admin port, pid)."""
+    port, admin, p = _start_proxy(procs, work, python, redis_port, extra, proxy_dir)
+    return port, admin, p.pid
+
+
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds a process (all its threads) has used, from /proc; None elsewhere."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # (after the command name, which may hold spaces)
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def start_twem(procs: Procs, work: Path, binary: str, redis_port: int, server_connections: int,
-               mbuf: int | None) -> int:
+               mbuf: int | None) -> tuple[int, int]:
+    """(port, pid)."""
     port, stats = free_port(), free_port()
     conf = work / "nutcracker.yml"
     # one pool, one server: key hashing is moot, but the pool must name a hash and distribution.
@@ -138,7 +153,7 @@ def start_twem(procs: Procs, work: Path, binary: str, redis_port: int, server_co
         argv += ["-m", str(mbuf)]
     p = procs.start(argv, work / "nutcracker.stdout")
     ready(procs, p, port, "nutcracker", log)
-    return port
+    return port, p.pid
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +202,12 @@ def proxy_counted(admin: int) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
+def cpu_medians(samples: list[tuple[float, float]] | None) -> dict[str, float] | None:
+    if not samples:
+        return None
+    return {"user": statistics.median(u for u, _ in samples), "system": statistics.median(s for _, s in samples)}
+
+
 def fmt_rps(v: float | None) -> str:
     return "-" if v is None else f"{v:,.0f}"
 
@@ -272,39 +293,45 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, on_term)
     work = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     results: dict[tuple[str, str, str], list[float]] = {}
+    # CPU µs per request (user, system) of each target's own process, per (shape, target), a sample
+    # per round: steadier than requests/second on a shared machine, and it tells where time goes
+    cpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    pids: dict[str, int] = {}
     ns: dict[tuple[str, str], int] = {}
     walls: list[float] = []
     counted = None
     try:
         redis_port = retry(lambda: start_redis(procs, work, server), "starting redis-server")
-        proxy_port, admin_port = retry(
+        proxy_port, admin_port, pids["proxy"] = retry(
             lambda: start_proxy(procs, work, args.python, redis_port, extra_proxy, args.proxy_dir), "starting the proxy")
         targets = {"direct": redis_port, "proxy": proxy_port}
         if args.with_forwarder:
-            def start_forwarder(script: str) -> int:
+            def start_forwarder(script: str) -> tuple[int, int]:
                 port = free_port()
                 log = work / f"{script}.log"
                 p = procs.start([args.python, str(REPO / "bench" / f"{script}.py"), str(port), str(redis_port)], log)
                 ready(procs, p, port, script, log)
-                return port
+                return port, p.pid
 
-            targets["forwarder"] = retry(lambda: start_forwarder("forwarder"), "starting the forwarder")
+            targets["forwarder"], pids["forwarder"] = retry(lambda: start_forwarder("forwarder"),
+                                                            "starting the forwarder")
             if args.pool:
-                targets["pool_forwarder"] = retry(lambda: start_forwarder("pool_forwarder"),
-                                                  "starting the pooled forwarder")
+                targets["pool_forwarder"], pids["pool_forwarder"] = retry(lambda: start_forwarder("pool_forwarder"),
+                                                                          "starting the pooled forwarder")
         if args.pool:
-            pool_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
-                                                     [*extra_proxy, "--upstream-pool", str(args.pool)], args.proxy_dir),
-                                 "starting the pooled proxy")
-            targets["pool"] = pool_port
+            targets["pool"], _, pids["pool"] = retry(
+                lambda: start_proxy(procs, work, args.python, redis_port,
+                                    [*extra_proxy, "--upstream-pool", str(args.pool)], args.proxy_dir),
+                "starting the pooled proxy")
         if args.compare_tracking:
-            nt_port, _ = retry(lambda: start_proxy(procs, work, args.python, redis_port,
-                                                   [*extra_proxy, "--track-patterns", "false"], args.proxy_dir),
-                               "starting the proxy without tracking")
-            targets["proxy_nt"] = nt_port
+            targets["proxy_nt"], _, pids["proxy_nt"] = retry(
+                lambda: start_proxy(procs, work, args.python, redis_port,
+                                    [*extra_proxy, "--track-patterns", "false"], args.proxy_dir),
+                "starting the proxy without tracking")
         if twem_bin:
-            targets["twem"] = retry(lambda: start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections,
-                                                       args.twem_mbuf), "starting nutcracker")
+            targets["twem"], pids["twem"] = retry(
+                lambda: start_twem(procs, work, twem_bin, redis_port, args.twem_server_connections, args.twem_mbuf),
+                "starting nutcracker")
         print(f"# redis-server :{redis_port}, proxy :{proxy_port} (admin :{admin_port})"
               + (f", twemproxy :{targets['twem']}" if "twem" in targets else "")
               + f"; {rounds} round(s), " + (f"-n {args.n}" if args.n else f"~{seconds:g}s per run"), file=out, flush=True)
@@ -327,9 +354,21 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(rounds):
                 for tname, port in targets.items():
                     n = ns[(shape, tname)]
-                    rps, wall = retry(lambda: run_benchmark(procs, rb, port, shape_args, n, work,
-                                                            timeout=max(120.0, 30 * seconds)),
-                                      f"{shape} round {rnd + 1} {tname}", 2)
+
+                    def measured() -> tuple[dict[str, float], float, tuple[float, float] | None]:
+                        # (the CPU read around each try: a retried run is not counted twice)
+                        before = cpu_seconds(pids[tname]) if tname in pids else None
+                        rps, wall = run_benchmark(procs, rb, port, shape_args, n, work,
+                                                  timeout=max(120.0, 30 * seconds))
+                        after = cpu_seconds(pids[tname]) if before is not None else None
+                        if before is None or after is None:
+                            return rps, wall, None
+                        per = 1e6 / (n * len(TESTS))  # µs per request
+                        return rps, wall, ((after[0] - before[0]) * per, (after[1] - before[1]) * per)
+
+                    rps, wall, used = retry(measured, f"{shape} round {rnd + 1} {tname}", 2)
+                    if used is not None:
+                        cpu.setdefault((shape, tname), []).append(used)
                     walls.append(wall)
                     for test in TESTS:
                         results.setdefault((shape, test, tname), []).append(rps[test])
@@ -364,10 +403,22 @@ def main(argv: list[str] | None = None) -> int:
                 "proxy_twem": med["proxy"] / med["twem"] if med["twem"] and med["proxy"] is not None else None,
                 "pool_twem": med["pool"] / med["twem"] if med["twem"] and med["pool"] is not None else None,
                 "samples": {t: results.get((shape, test, t), []) for t in TARGET_NAMES},
+                # (per shape: one redis-benchmark run does SET and GET)
+                "cpu_us_per_request": {t: cpu_medians(cpu.get((shape, t))) for t in pids},
                 "n": {t: ns.get((shape, t)) for t in TARGET_NAMES},
             })
     print(file=out)
     print_table(rows, out)
+    if cpu:
+        print("\nCPU per request in each proxy's own process, user + system µs (medians over the rounds; "
+              "SET and GET together):", file=out)
+        for shape, _a, _p in shapes:
+            cells = []
+            for t in pids:
+                m = cpu_medians(cpu.get((shape, t)))
+                if m is not None:
+                    cells.append(f"{t} {m['user']:.2f} + {m['system']:.2f}")
+            print(f"  {shape:8} " + "   ".join(cells), file=out)
     if args.with_forwarder:
         print("\nzero-work Python forwarders (each design's ceiling), same run, medians:", file=out)
         for shape, _a, _p in shapes:
