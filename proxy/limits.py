@@ -448,10 +448,11 @@ class Limits:
                 session.idle_until = None
                 empty = b"_\r\n" if session.protocol == 3 else BLOCKING[name][1]
                 return Admission.REPLY, empty, "rejected:cap"
-        if self.caps.on_cap == "idle" and not session.multi_view and not session.got_reply:
-            # A client that connected at the cap (the server has never answered it, its handshake
+        if self.caps.on_cap == "idle" and not session.multi_view and not session.up_n and not session.got_reply:
+            # A client that connected at the cap (nothing of it has gone upstream, its handshake
             # was answered here): a worker starting up would exit at its first real command, so
-            # that command waits, quietly, for the window to reset, and goes then.
+            # that command waits, quietly, for the window to reset, and goes then. (One that
+            # crosses the cap in its first pipeline gets the error: its replies are on the way.)
             if session.idle_until is None or now >= session.idle_until:
                 session.idle_until = self.bounds[pool.window][1]
             if self.call_later is not None:

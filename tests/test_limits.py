@@ -469,3 +469,19 @@ def test_on_cap_idle_a_client_that_connected_at_the_cap_waits_for_the_reset(tmp_
     rig.timers.fire()
     assert b"".join(late.to_upstream) == encode_command([b"SET", b"a", b"1"]) + encode_command([b"GET", b"a"])
     assert rig.limits.used("daily") == 2  # the new day's
+
+
+def test_on_cap_idle_a_pipeline_that_crosses_the_cap_on_a_new_connection_gets_the_error(tmp_path: Path) -> None:
+    """Under idle, only a connection that has sent nothing upstream waits for the reset. One that
+    connected under the cap and crosses it inside its first pipeline (no reply has come back yet)
+    has its leading commands forwarded and the rest refused, in order, as with on_cap error: it
+    must not hang waiting for replies that would come only after midnight."""
+    rig = Rig(tmp_path, CapConfig(daily=2, on_cap="idle"))
+    c = rig.session()
+    out = c.send([b"SET", b"a", b"1"], [b"SET", b"b", b"2"], [b"GET", b"a"], [b"GET", b"b"])
+    assert out == encode_command([b"SET", b"a", b"1"]) + encode_command([b"SET", b"b", b"2"])
+    assert rig.timers.calls == []  # nothing is held for the reset
+    c.s.upstream_data(b"+OK\r\n+OK\r\n")
+    replies = c.client_out()
+    assert replies.startswith(b"+OK\r\n+OK\r\n-ERR respmeter: daily cap of 2"), replies
+    assert replies.count(b"-ERR respmeter: daily cap") == 2
