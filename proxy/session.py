@@ -49,8 +49,13 @@ from .resp import (
 )
 from .entries import INTERNAL, LOCAL, RELAY_CLIENT, RELAY_UPSTREAM, UPSTREAM, Admission, Pending
 from .streaming import StreamedRequest
-from .quotaerrors import QuotaErrors
+from .quotaerrors import UPSTREAM_REFUSED, QuotaErrors, credentials_refused
 from .subscriptions import Subscriptions
+
+# what clients send at connect and ignore the errors of (redis-py: CLIENT SETINFO, and in newer
+# versions CLIENT MAINT_NOTIFICATIONS): a connection that could not be served stays open after
+# answering only these, so that the client's next command gets the error too (see _reject_all)
+SWALLOWED = frozenset({"client|setinfo", "client|maint_notifications"})
 
 # pub/sub messages the proxy delivers itself that a client may leave unread (Redis's own
 # client-output-buffer-limit for pub/sub clients: 32mb hard)
@@ -316,16 +321,20 @@ class Session:
 
     def _reject_all(self, msg: bytes) -> None:
         out = []
+        answered = set()  # the names of what was answered
         for e in self.pending:  # forwarded, never answered
             if type(e) is tuple:
                 self.stats.count_command(e[1], e[0], "error", e[4])
                 out.extend([msg] * e[4])
+                answered.add(e[0])
             elif e.kind == LOCAL:
                 out.append(e.reply)  # type: ignore[arg-type]
+                answered.add(e.name)
             elif e.kind == UPSTREAM:
                 self.stats.count_command(e.client, e.name, "error")
                 if e.expect != 0:
                     out.append(msg)
+                answered.add(e.name)
         self.pending.clear()
         self.queued = 0
         self.n_special = 0
@@ -336,15 +345,25 @@ class Session:
                 if len(entry) == 3:  # a command refused while waiting (rate-limit queue full)
                     self.stats.count_command(self.client, entry[2], "rejected:rate_limit_queue_full")
                     out.append(msg)
+                    answered.add(entry[2])
                     continue
                 out.append(raw)  # a queued protocol error
+                answered.add("")
                 break
-            self.stats.count_command(self.client, cmdtable.command_name(args), "rejected:upstream_unavailable")
+            name = cmdtable.command_name(args)
+            self.stats.count_command(self.client, name, "rejected:upstream_unavailable")
             out.append(msg)
+            answered.add(name)
         if out:
             self._write_client(b"".join(out))
-        self.closing = True
         self.held = False  # nothing is held any more: it was all answered
+        if answered and answered <= SWALLOWED and self.parser.error is None and not self.closing:
+            # only commands whose errors clients ignore (redis-py's CLIENT SETINFO at connect):
+            # the connection stays for the next one, which gets the error too, and then closes
+            # (else the client would find it closed, and say only that)
+            self.fail_msg = msg
+            return
+        self.closing = True
         self._maybe_close()
 
     # -- client side -------------------------------------------------------------------------
@@ -1014,9 +1033,14 @@ class Session:
                 if internal:
                     self._internal_seg(head, seg, out)
                 else:
-                    out.append(seg)
                     if fr[1] == KIND_ERROR:
                         errors = True
+                        if (self.hello_auth_check is not None and type(head) is Pending and head.name == "hello"
+                                and credentials_refused(seg)):
+                            # the HELLO carried the proxy's credentials (proxy.gate), not the client's:
+                            # it is told whose were refused, as on the separate AUTH and with a pool
+                            seg = UPSTREAM_REFUSED
+                    out.append(seg)
                     if type(head) is Pending and head.capture is not None and fr[1] != KIND_PUSH:
                         self.internal_buf += seg  # a copy of the reply, for the handshake book
                 self._on_frame(fr, now)

@@ -545,7 +545,9 @@ def test_wrong_upstream_password_resp3_client(redis_factory, proxy_factory):
     proxy = proxy_factory(f"redis://default:{SECRET}@127.0.0.1:{server.port}")
     with RespSocket(proxy.host, proxy.port, timeout=10) as s:
         r = s.call("HELLO", "3")
-        assert isinstance(r, RespError), r  # an error, not a hang
+        # the client sent no password: it is told whose credentials were refused (the server's
+        # WRONGPASS would read as if its own were wrong), as on the separate AUTH and with a pool
+        assert r == RespError("ERR upstream rejected the proxy's credentials"), r
     assert_no_secrets(r)
     # the reply is passed on before it is looked at: the log line follows within moments
     log = eventually(lambda: "rejected the proxy's credentials" in proxy.log_text() and proxy.log_text())
@@ -554,6 +556,24 @@ def test_wrong_upstream_password_resp3_client(redis_factory, proxy_factory):
     scan(proxy, r)
     status, body = proxy.healthz()
     assert status == 503 and "credentials" in body, (status, body)
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_wrong_upstream_password_redis_py(protocol, pool, redis_factory, proxy_factory):
+    """What a redis-py user sees when the proxy's upstream credentials are wrong: the proxy's
+    error on their command, in both protocols, with and without the pool. redis-py ignores the
+    errors to its CLIENT SETINFO at connect: the connection must still be there for its command
+    (it used to be closed after them, and RESP2 users saw only 'Connection reset by peer');
+    RESP3's HELLO used to give the server's WRONGPASS, as if the client's password were wrong."""
+    server = redis_factory(password="the-real-one-123")
+    proxy = proxy_factory(f"redis://default:{SECRET}@127.0.0.1:{server.port}", ["--upstream-pool", str(pool)])
+    client = redis.Redis(host=proxy.host, port=proxy.port, protocol=protocol, socket_timeout=10)
+    for _ in range(2):  # (and again, on a new connection)
+        with pytest.raises(redis.ResponseError, match="upstream rejected the proxy's credentials"):
+            client.get("a")
+    client.close()
+    assert server.client().info("commandstats").get("cmdstat_get") is None  # nothing ran
 
 
 # ---------------------------------------------------------------------------------------------
