@@ -347,6 +347,7 @@ class Limits:
                 session.tx_doomed = False
                 if name == "exec":
                     discard = session.push_internal([b"DISCARD"], None)
+                    self._tx_cap_error(session)  # (counted)
                     return Admission.INJECT_REPLY, (discard, encode_error(
                         "EXECABORT Transaction discarded: respmeter cap reached while queueing"), "rejected:cap"), ""
         elif session.multi_view and session.tx_doomed:
@@ -402,14 +403,26 @@ class Limits:
         return self.fail_closed and not getattr(self.store, "healthy", True)
 
     def _tx_cap_error(self, session: Session) -> bytes:
+        """A command of a transaction the cap doomed is refused: the error, counted by window."""
         for p in self.pools_for(session.client):
             if p.tokens <= 0:
+                self._count_cap(p.window)
                 return self.cap_error(p)
         return encode_error("ERR respmeter: cap reached, transaction will be discarded")
 
-    def _capped(self, session: Session, args: list[bytes], name: str, pool: Pool, now: float) -> tuple[int, Any, str]:
+    def _count_cap(self, window: str) -> None:
+        # respmeter_cap_rejections_total: what was refused (as rejections_total{reason="cap"}); not
+        # what the proxy answered itself at the cap, nor a command held for the reset
         if self.stats is not None:
-            self.stats.cap_rejections[pool.window] = self.stats.cap_rejections.get(pool.window, 0) + 1
+            self.stats.cap_rejections[window] = self.stats.cap_rejections.get(window, 0) + 1
+
+    def _capped(self, session: Session, args: list[bytes], name: str, pool: Pool, now: float) -> tuple[int, Any, str]:
+        verdict = self._at_cap(session, args, name, pool, now)
+        if verdict[2] == "rejected:cap":
+            self._count_cap(pool.window)
+        return verdict
+
+    def _at_cap(self, session: Session, args: list[bytes], name: str, pool: Pool, now: float) -> tuple[int, Any, str]:
         if name == "quit":  # leaving is always allowed, and costs nothing
             session.close_after_reply = True
             return Admission.REPLY, b"+OK\r\n", "local"

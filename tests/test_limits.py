@@ -316,22 +316,28 @@ def test_check_config_reports_every_problem_with_its_place(tmp_path: Path) -> No
             name = "b"
             rate = "1/s"
             colour = "blue"
+
+            [state]
+            url = "redis://:pw@127.0.0.1:99999"
             """
         )
     )
     problems = load_config(str(f)).problems
     text = "\n".join(problems)
+    assert f"{f}:22: state.url: bad port" in text  # (checked as run checks it)
     assert f"{f}:3: proxy.upstreem: unknown option" in text
     assert f"{f}:6: caps.daily: must be a positive whole number" in text
     assert f"{f}:7: caps.timezone: unknown timezone" in text
     assert f"{f}:10: caps.clients.celery.weekly: unknown key" in text
     assert f"{f}:14: rate_limit[0].rate:" in text
     assert f"{f}:19: rate_limit[1].colour: unknown key" in text
-    assert len(problems) == 6
+    assert len(problems) == 7
+    lines = [int(p.split(":")[1]) for p in problems]
+    assert lines == sorted(lines), problems  # in the file's order
     # the CLI prints them all and exits 1
     r = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(f)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 1
-    assert r.stdout.count("\n") == 6
+    assert r.stdout.count("\n") == 7
 
 
 def test_good_config_and_precedence(tmp_path: Path) -> None:
@@ -485,3 +491,25 @@ def test_on_cap_idle_a_pipeline_that_crosses_the_cap_on_a_new_connection_gets_th
     replies = c.client_out()
     assert replies.startswith(b"+OK\r\n+OK\r\n-ERR respmeter: daily cap of 2"), replies
     assert replies.count(b"-ERR respmeter: daily cap") == 2
+
+
+def test_cap_rejections_count_what_was_refused_only(tmp_path: Path) -> None:
+    """respmeter_cap_rejections_total counts the commands refused at a cap, as
+    respmeter_rejections_total{reason="cap"} does: not the PING and PUBLISH the proxy answers itself
+    under idle, nor a command held for the reset (each time it is looked at again)."""
+    rig = Rig(tmp_path, CapConfig(daily=1, on_cap="idle"))
+    c = rig.session()
+    c.send([b"INCR", b"k"])
+    c.s.upstream_data(b":1\r\n")
+    c.client_out()
+    c.send([b"PING"], [b"PUBLISH", b"ch", b"m"])
+    assert c.client_out() == b"+PONG\r\n:0\r\n"  # answered here: not refusals
+    c.send([b"GET", b"k"], [b"GET", b"k"])
+    assert c.client_out().count(b"-ERR respmeter: daily cap") == 2
+    late = rig.session()  # connected at the cap: held for the reset, not refused
+    late.send([b"GET", b"k"])
+    rig.clock.t += 1
+    rig.timers.fire()  # looked at again (still the same day): held again
+    assert late.client_out() == b""
+    assert rig.stats.cap_rejections == {"daily": 2}
+    assert rig.stats.rejections["cap"] == 2
