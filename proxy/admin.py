@@ -68,6 +68,18 @@ def client_headers(env: dict[str, str] | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def unreachable(admin: str, exc: Exception, env: dict[str, str] | None = None) -> str:
+    """What ``respmeter usage``, ``report`` and ``top`` say when the admin endpoint did not serve
+    them: a refused token is named as such, with the variables that carry it (never the token)."""
+    if getattr(exc, "code", None) == 401:
+        if client_headers(env):
+            return (f"the admin endpoint {admin} refused the token (HTTP 401): check RESPMETER_ADMIN_TOKEN "
+                    "or the file RESPMETER_ADMIN_TOKEN_FILE names")
+        return (f"the admin endpoint {admin} requires a token (HTTP 401): set RESPMETER_ADMIN_TOKEN, or "
+                "RESPMETER_ADMIN_TOKEN_FILE to a file holding it")
+    return f"cannot reach the admin endpoint {admin}: {exc}"
+
+
 class AdminServer:
     def __init__(self, registry: CollectorRegistry, health: Health, token: str | None = None) -> None:
         self.registry = registry

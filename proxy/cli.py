@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from . import assemble
-from .config import ConfigError, Listen, parse_hostport, parse_listen, parse_upstream
+from .config import ConfigError, Listen, check_state_url, parse_hostport, parse_listen, parse_upstream
 from .options import ENV_PREFIX, RUN_OPTIONS, Option, _bool, _size, keepalive_tuple  # noqa: F401
 from .resp import hot_path
 
@@ -332,7 +332,9 @@ def usage_command(ns: argparse.Namespace) -> int:
         print(f"respmeter: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"respmeter: cannot reach the admin endpoint {ns.admin}: {exc}", file=sys.stderr)
+        from .admin import unreachable
+
+        print(f"respmeter: {unreachable(ns.admin, exc)}", file=sys.stderr)
         return 1
     if ns.json:
         print(json.dumps(snap, indent=1, sort_keys=True))
@@ -368,7 +370,9 @@ def report_command(ns: argparse.Namespace) -> int:
         print(f"respmeter: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"respmeter: cannot reach the admin endpoint {ns.admin}: {exc}", file=sys.stderr)
+        from .admin import unreachable
+
+        print(f"respmeter: {unreachable(ns.admin, exc)}", file=sys.stderr)
         return 1
     rep = build_report(traffic, usage)
     if ns.json:
@@ -388,6 +392,7 @@ def run(opts: dict[str, Any], parser: argparse.ArgumentParser, file_cfg: Any = N
     try:
         listens = [parse_listen(x) for x in opts["listen"]]
         upstream = parse_upstream(opts["upstream"])
+        check_state_url(opts["state_url"])
         admin_host, admin_port = parse_hostport(opts["admin"], "--admin")
         upstream = with_password(upstream, opts, dict(os.environ))
         admin_token = read_admin_token(opts)

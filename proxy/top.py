@@ -1,7 +1,8 @@
 """``respmeter top``: a live terminal view of a running proxy (stdlib curses, works over SSH).
 
 Each refresh scrapes the admin endpoint's /metrics and /api/usage; rates are the difference between
-two scrapes. ``q`` or Ctrl-C quits. ``--once`` prints one frame as plain text (for scripts and tests).
+two scrapes. ``q`` or Ctrl-C quits. ``--once`` prints one frame as plain text (for scripts and tests);
+without a terminal it prints a frame every interval as plain text.
 """
 
 from __future__ import annotations
@@ -107,19 +108,48 @@ def frame(prev: dict[str, Any], cur: dict[str, Any], width: int = 100, height: i
     return [ln[:width] for ln in lines[:height]]
 
 
+def _plain(ns: argparse.Namespace, prev: dict[str, Any]) -> int:
+    """Without a terminal (piped, in a script or a service), or with --once: frames as plain text,
+    one every interval, a blank line between them (like ``top -b``); --once prints one."""
+    import os
+    import sys
+
+    from .admin import unreachable
+
+    try:
+        while True:
+            time.sleep(ns.interval)
+            try:
+                cur = scrape(ns.admin)
+            except OSError as exc:
+                print(f"respmeter: {unreachable(ns.admin, exc)}", file=sys.stderr, flush=True)
+                if ns.once:
+                    return 1
+                continue
+            print("\n".join(frame(prev, cur)), flush=True)
+            if ns.once:
+                return 0
+            print(flush=True)
+            prev = cur
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # (piped into head, say): the reader is gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def top_command(ns: argparse.Namespace) -> int:
     import sys
 
     try:
         prev = scrape(ns.admin)
     except OSError as exc:
-        print(f"respmeter: cannot reach the admin endpoint {ns.admin}: {exc}", file=sys.stderr)
+        from .admin import unreachable
+
+        print(f"respmeter: {unreachable(ns.admin, exc)}", file=sys.stderr)
         return 1
-    if ns.once:
-        time.sleep(ns.interval)
-        cur = scrape(ns.admin)
-        print("\n".join(frame(prev, cur)))
-        return 0
+    if ns.once or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return _plain(ns, prev)
     import curses
 
     def loop(stdscr: Any) -> None:

@@ -270,7 +270,12 @@ def test_admin_token_is_a_bearer_token(proxy_factory, redis_server, tmp_path: Pa
     # respmeter usage reads the token from the environment
     admin = f"127.0.0.1:{port}"
     r = _run_cli(["usage", "--admin", admin, "--json"], tmp_path)
-    assert r.returncode == 1 and "401" in r.stderr, r
+    assert r.returncode == 1 and "requires a token (HTTP 401): set RESPMETER_ADMIN_TOKEN" in r.stderr, r
+    assert "cannot reach" not in r.stderr  # (it was reached: it wants a token)
+    for cmd in (["report"], ["top", "--once"]):
+        r = _run_cli([*cmd, "--admin", admin], tmp_path, env={"RESPMETER_ADMIN_TOKEN": "not-the-token"})
+        assert r.returncode == 1 and "refused the token (HTTP 401)" in r.stderr, r
+        assert "not-the-token" not in r.stderr + r.stdout
     r = _run_cli(["usage", "--admin", admin, "--json"], tmp_path, env={"RESPMETER_ADMIN_TOKEN_FILE": str(token_file)})
     assert r.returncode == 0 and "daily" in json.loads(r.stdout)["windows"], r
 

@@ -644,3 +644,20 @@ def test_top_once_and_interactive(app_proxy):
             proc.wait(5)
         support._unregister(proc)
         os.close(master)
+
+    # without a terminal (piped, as from a script or `timeout 5 respmeter top | tee`): plain text
+    # frames, one every interval, blank-line separated, instead of a curses error
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "top", "--admin", admin(app_proxy), "--interval", "0.3"],
+                            cwd=support.REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    support._register(proc)
+    try:
+        time.sleep(1.6)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        support._unregister(proc)
+    text = out.decode()
+    assert b"Traceback" not in err and b"curses" not in err, err
+    assert text.count("respmeter top   upstream up") >= 2, text
+    assert "\n\nrespmeter top" in text, text
