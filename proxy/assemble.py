@@ -24,7 +24,7 @@ def shared_store(opts: dict[str, Any], local: Any, stats: Any, upstream: Any,
         def on_command(name: bytes) -> None:  # billed: counted like the proxy's own commands
             stats.count_upstream(PROXY_CLIENT, name.decode().lower())
     else:
-        target = parse_upstream(opts["state_url"])
+        target = parse_upstream(opts["state_url"], "--state-url")
     ctx = ssl_context(opts) if target.tls else None
     link = SyncRedis(
         target.path or (target.host, target.port),

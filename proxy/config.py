@@ -106,46 +106,54 @@ class Upstream:
         return f"{_bracket(self.host or '')}:{self.port}"
 
 
-def parse_upstream(url: str) -> Upstream:
+def parse_upstream(url: str, flag: str = "--upstream") -> Upstream:
+    """A redis://, rediss:// or unix:// URL; errors name ``flag`` (--upstream, --state-url)."""
     try:
         parts = urlsplit(url.strip())
     except ValueError as exc:
-        raise ConfigError(f"--upstream: not a URL ({exc})") from None
+        raise ConfigError(f"{flag}: not a URL ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
+        also = " (or the word upstream)" if flag == "--state-url" else ""
         raise ConfigError(
-            f"--upstream: scheme must be redis://, rediss:// or unix://, got {scheme or 'none'!r}"
+            f"{flag}: scheme must be redis://, rediss:// or unix://{also}, got {scheme or 'none'!r}"
         )
     try:
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         port = parts.port
     except ValueError:
-        raise ConfigError("--upstream: bad port") from None
+        raise ConfigError(f"{flag}: bad port") from None
     db = 0
     if scheme == "unix":
         path = parts.path
         if not path:
-            raise ConfigError("--upstream: unix:// needs a socket path")
+            raise ConfigError(f"{flag}: unix:// needs a socket path")
         query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
         if "db" in query:
-            db = _parse_db(query["db"])
+            db = _parse_db(query["db"], flag)
         return Upstream("unix", None, None, path, username, password, db)
     host = parts.hostname
     if not host:
-        raise ConfigError("--upstream: missing host")
+        raise ConfigError(f"{flag}: missing host")
     if parts.path and parts.path != "/":
-        db = _parse_db(parts.path.lstrip("/"))
+        db = _parse_db(parts.path.lstrip("/"), flag)
     return Upstream(scheme, host, port or 6379, None, username, password, db)
 
 
-def _parse_db(text: str) -> int:
+def check_state_url(text: str) -> None:
+    """--state-url: "upstream", or a URL as for --upstream (raises ConfigError naming --state-url)."""
+    if text and text.strip().lower() != "upstream":
+        parse_upstream(text, "--state-url")
+
+
+def _parse_db(text: str, flag: str) -> int:
     try:
         db = int(text)
     except ValueError:
-        raise ConfigError(f"--upstream: database must be a number, got {text!r}") from None
+        raise ConfigError(f"{flag}: database must be a number, got {text!r}") from None
     if db < 0:
-        raise ConfigError("--upstream: database must not be negative")
+        raise ConfigError(f"{flag}: database must not be negative")
     return db
 
 

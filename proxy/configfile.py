@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .auth import User, users_problems
 from .commandpolicy import entry_problems
 from .limits import CapConfig, LimitsConfigError, RateRule, parse_rate
-from .config import ConfigError, parse_hostport, parse_listen, parse_upstream
+from .config import ConfigError, check_state_url, parse_hostport, parse_listen, parse_upstream
 from .options import RUN_OPTIONS, Option, _bool
 
 TOP_KEYS = {"proxy", "caps", "rate_limit", "users", "commands", "savers", "state", "upstream"}
@@ -133,7 +133,7 @@ class _Checker:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.text = text
-        self.problems: list[str] = []
+        self.problems: list[tuple[int, str]] = []  # (line, text)
 
     def problem(self, keypath: list[str | int], message: str, line: int | None = None) -> None:
         line = line or _locate(self.text, keypath)
@@ -141,7 +141,7 @@ class _Checker:
         for p in keypath:
             dotted += f"[{p}]" if isinstance(p, int) else (("." if dotted else "") + p)
         where = f"{self.path}:{line}" if line else self.path
-        self.problems.append(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
+        self.problems.append((line or 0, f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}"))
 
 
 def _convert(o: Option, value: Any) -> Any:
@@ -335,6 +335,11 @@ def load_config(path: str) -> FileConfig:
                 cfg.values[dest] = _convert(options[dest], value)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 ck.problem([section, key], str(exc))
+                continue
+            try:
+                _check_value(dest, cfg.values[dest])
+            except ConfigError as exc:
+                ck.problem([section, key], str(exc).split(": ", 1)[-1])
 
     listens = cfg.values.get("listen") or []
     try:
@@ -350,7 +355,7 @@ def load_config(path: str) -> FileConfig:
         for keys, msg in user_problems:
             ck.problem(["users", *keys], msg)
         cfg.users = users
-    cfg.problems.extend(ck.problems)
+    cfg.problems.extend(text for _, text in sorted(ck.problems, key=lambda p: p[0]))  # in the file's order
     return cfg
 
 
@@ -358,6 +363,8 @@ def _check_value(dest: str, value: Any) -> None:
     """The checks `run` makes on an option's value, for check-config (raises ConfigError)."""
     if dest == "upstream":
         parse_upstream(value)
+    elif dest == "state_url":
+        check_state_url(value)
     elif dest == "listen":
         for x in value:
             parse_listen(x)

@@ -59,6 +59,9 @@ def test_parse_listen_and_upstream() -> None:
     "args,env,message",
     [
         (["--upstream", "ftp://x"], {}, "scheme must be redis://, rediss:// or unix://"),
+        # (the state store's URL is named as such, before anything starts, its password never shown)
+        (["--state-url", "redis://:s3cr3t-pw@127.0.0.1:99999"], {}, "--state-url: bad port"),
+        (["--state-url", "http://127.0.0.1:1"], {}, "--state-url: scheme must be redis://, rediss:// or unix:// (or"),
         (["--listen", "nohostport"], {}, "expected HOST:PORT"),
         (["--max-bulk", "lots"], {}, "not a size"),
         ([], {"RESPMETER_CONNECT_TIMEOUT": "soon"}, "RESPMETER_CONNECT_TIMEOUT"),
@@ -77,6 +80,8 @@ def test_bad_settings_exit_2_with_a_clear_message(args: list[str], env: dict, me
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+    assert "s3cr3t-pw" not in r.stdout + r.stderr
+    assert "listening" not in r.stderr  # refused before starting anything
 
 
 def test_admin_port_in_use_is_a_clear_error(redis_server, tmp_path: Path) -> None:
