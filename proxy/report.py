@@ -37,13 +37,16 @@ def format_usage(snap: dict[str, Any]) -> str:
         lines.append(proj)
         if w["clients"]:
             lines.append("  by client:")
+            width = max([24, *(len(k) for k in w["clients"])])  # (the numbers stay in one column)
             for client, c in sorted(w["clients"].items(), key=lambda kv: -kv[1]["used"]):
                 extra = f" of {_n(c['cap'])} ({_n(c['remaining'])} left)" if c["cap"] else ""
-                lines.append(f"    {client:<24} {_n(c['used']):>12}{extra}")
+                lines.append(f"    {client:<{width}} {_n(c['used']):>12}{extra}")
         if w["commands"]:
             lines.append("  by command:")
-            for cmd, n in list(w["commands"].items())[:15]:
-                lines.append(f"    {cmd:<24} {_n(n):>12}")
+            shown = list(w["commands"].items())[:15]
+            width = max([24, *(len(k) for k, _ in shown)])
+            for cmd, n in shown:
+                lines.append(f"    {cmd:<{width}} {_n(n):>12}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -158,14 +161,16 @@ def format_report(rep: dict[str, Any], limit: int = 25) -> str:
             lines.append(f"  {inst}: {i['commands']:,} commands today (last pushed {when(i['last_push'])})")
         lines.append("")
     inst_head = f" {'instance':<16}" if fleet else ""
-    lines.append(f"{'share':>6} {'/min':>8} {'/hour':>9} {'/day':>10}  {'command':<16} {'key pattern':<40} {'client':<12}"
-                 f"{inst_head} source")
+    # the command column fits the longest name shown (client|maint_notifications is 27)
+    cw = max([16, *(len(r["command"]) for r in rep["rows"][:limit])])
+    lines.append(f"{'share':>6} {'/min':>8} {'/hour':>9} {'/day':>10}  {'command':<{cw}} {'key pattern':<40} "
+                 f"{'client':<12}{inst_head} source")
     for r in rep["rows"][:limit]:
         pat = r["pattern"] if len(r["pattern"]) <= 40 else r["pattern"][:39] + "…"
         inst = f" {r.get('instance', '')[:16]:<16}" if fleet else ""
         lines.append(
             f"{100 * r['share']:5.1f}% {_rate(r['per_minute']):>8} {_rate(r['per_hour']):>9} {r['per_day']:>10,}  "
-            f"{r['command']:<16} {pat:<40} {r['client'][:12]:<12}{inst} {r['source'] or 'UNRECOGNISED'}"
+            f"{r['command']:<{cw}} {pat:<40} {r['client'][:12]:<12}{inst} {r['source'] or 'UNRECOGNISED'}"
         )
     if len(rep["rows"]) > limit:
         lines.append(f"... {len(rep['rows']) - limit} more rows (--rows N, or --json)")

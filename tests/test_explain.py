@@ -253,3 +253,34 @@ def test_per_connection_handshakes_point_to_the_upstream_pool() -> None:
     assert not any("--upstream-pool" in k["setting"] for k in hs_on["knobs"]) and len(hs_on["knobs"]) == 2
     assert hs_on["notes"][0].startswith("the upstream pool (--upstream-pool 4) answers the handshake")
     assert "--upstream-pool 4" in format_report(on)
+
+
+def test_long_command_names_keep_the_table_in_columns() -> None:
+    """client|maint_notifications (27 characters) no longer pushes its row out of line."""
+    rep = build_report(rows_of([
+        ("anonymous", "client|maint_notifications", "-", 5),
+        ("anonymous", "get", "user:*", 50),
+    ], seconds=60), None)
+    lines = format_report(rep).splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("share"))
+    table = lines[head:head + 3]
+    # each row's key pattern starts where the header's does
+    col = table[0].index("key pattern")
+    assert sorted(row[col:].split()[0] for row in table[1:]) == ["-", "user:*"], table
+    assert all(row[col - 1] == " " for row in table[1:]), table
+
+
+def test_usage_keeps_its_numbers_in_one_column() -> None:
+    from proxy.report import format_usage
+
+    def window(wid: str) -> dict:
+        return {"id": wid, "resets_at": "later", "used": 13, "cap": None, "remaining": None, "projected": 20,
+                "clients": {"celery-worker-with-a-long-name": {"used": 10, "cap": None, "remaining": None},
+                            "web": {"used": 3, "cap": None, "remaining": None}},
+                "commands": {"client|maint_notifications": 5, "get": 8}}
+
+    text = format_usage({"generated_at": "now", "timezone": "UTC",
+                         "windows": {"daily": window("2026-12-06"), "monthly": window("2026-12")}})
+    for names in (("celery-worker-with-a-long-name", "web"), ("client|maint_notifications", "get")):
+        rows = [ln for ln in text.splitlines() if ln.split()[:1] and ln.split()[0] in names][:2]
+        assert len({len(r) for r in rows}) == 1, rows  # (numbers right-aligned in one column)
