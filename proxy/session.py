@@ -578,6 +578,13 @@ class Session:
         end = len(raw)
         i = 0
         for args, s, e in cmds:
+            if not self.connected:
+                # the command before took the session off its connection (a pooled client's HELLO
+                # that changed its protocol: proxy.pool): the rest waits for the next one
+                for rest in cmds[i:]:
+                    self.waiting.append((rest[0], raw[rest[1] : rest[2]]))
+                send_from = end = len(raw)
+                break
             verdict = self._route(args, now)
             if verdict is None:
                 i += 1
@@ -613,6 +620,8 @@ class Session:
                 break
         if send_from < end:
             self._write_upstream(raw[send_from:end] if send_from or end < len(raw) else raw)
+        if self.waiting and not self.connected and not self.held:
+            self._dispatch()  # (asks for the connection they wait for)
 
     def _dispatch(self) -> None:
         """Slow path: dispatch what is waiting, in order, until something must wait."""
@@ -647,6 +656,12 @@ class Session:
                 break
             if not self.connected and self.authed:
                 break  # authenticated just now: the rest goes upstream, once there is one
+            if len(entry) == 4 and self.pool_link is not None:
+                # the head of a streamed request, still on a shared connection: it goes once the
+                # session has a connection of its own (its bytes must not mix with others')
+                self.pool_link.pin("large request")
+                self.held = True
+                break
             verdict = self._route(args, now)
             if len(entry) == 4:  # the head of a streamed request (the last entry)
                 if verdict is not None and verdict[0] == Admission.WAIT:

@@ -41,9 +41,9 @@ class StreamedRequest:
         args, head = s.parser.head  # type: ignore[misc]
         s.parser.head = None
         queued = bool(s.waiting or s.held)
-        if s.pool_link is not None and not queued:
+        if s.pool_link is not None:
             # its bytes cannot go over a connection other clients share (proxy.pool): it waits
-            # for a connection of its own
+            # for a connection of its own (behind what is queued, if anything: see Session._dispatch)
             s.pool_link.pin("large request")
             queued = True
         verdict = None if queued else s._route(args, s.clock())

@@ -409,3 +409,49 @@ def test_replies_split_across_reads_reach_each_pooled_client_whole(redis_factory
     assert delta.get("incrby") == half * rounds, delta
     counted = {k: int(v) for k, v in proxy.metric_sum("respmeter_commands_total", outcome="ok").items() if v}
     assert counted.get("get") == delta["get"] and counted.get("incrby") == delta["incrby"], counted
+
+
+def test_commands_after_a_protocol_changing_hello_in_the_same_write(redis_factory, proxy_factory):
+    """A pooled RESP2 client sends HELLO 3, GET, PING in one write (the pool already knows the
+    RESP3 HELLO reply, so HELLO is answered here and the client moves to a RESP3 shared
+    connection): GET and PING go over that one, and every reply after stays with its command (they
+    used to be counted and dropped, every later reply one command late)."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2)
+    upstream.client().set("k", "v")
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as a:
+        assert a.call("HELLO", "3")[b"proto"] == 3  # (the pool learns the RESP3 reply)
+        assert a.call("GET", "k") == b"v"
+    before = commandstats(upstream.client())
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as b:
+        assert b.call("GET", "k") == b"v"
+        b.send(support.encode_resp("HELLO", "3") + support.encode_resp("GET", "k") + support.encode_resp("PING"))
+        hello, got, pong = b.read(), b.read(), b.read()
+        assert hello[b"proto"] == 3 and got == b"v" and pong == b"PONG", (hello, got, pong)
+        assert b.call("SET", "other", "x") == b"OK" and b.call("GET", "other") == b"x"
+    delta = commandstats_delta(before, commandstats(upstream.client()))
+    assert delta.get("get") == 3 and delta.get("set") == 1, delta
+
+
+def test_a_large_request_queued_behind_a_held_command_never_streams_over_a_shared_connection(
+        redis_factory, proxy_factory):
+    """A pooled client's 1 MB SET that begins in the same read as a HELLO 3 held for a reply in
+    flight: it waits for a connection of its own, and another client's command written meanwhile
+    on the shared connection stays its own (it used to land inside the SET's value, and the
+    bystander got the error for the SET's overflowing bytes)."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    n = 1_000_000
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as y, \
+            support.RespSocket(proxy.host, proxy.port, timeout=10) as x:
+        assert y.call("HELLO", "3")[b"proto"] == 3  # the bystander, on the RESP3 shared connection
+        assert y.call("SET", "ykey", "yval") == b"OK"
+        assert x.call("GET", "a") is None
+        head = b"*3\r\n$3\r\nSET\r\n$6\r\nbigkey\r\n$%d\r\n" % n
+        x.send(support.encode_resp("GET", "a") + support.encode_resp("HELLO", "3") + head + b"A" * 1000)
+        time.sleep(0.3)
+        y.command("GET", "ykey")
+        time.sleep(0.3)
+        x.send(b"A" * (n - 1000) + b"\r\n")
+        assert y.read() == b"yval"
+        assert x.read() is None and x.read()[b"proto"] == 3 and x.read() == b"OK"
+    assert upstream.client().get("bigkey") == b"A" * n
+    assert proxy.metric_sum("respmeter_pinned_total", by=("reason",)).get("large request") == 1
