@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from . import commands as cmdtable
 from . import poolclients, resp
+from .auth import split_hello
 from .metrics import PROXY_CLIENT
 from .quotaerrors import UPSTREAM_REFUSED, credentials_refused, unsupported
 from .resp import KIND_ERROR, KIND_PUSH, encode_command, encode_error
@@ -256,6 +257,14 @@ class SharedUpstream(asyncio.Protocol):
             # without a pool (the gate's hooks), and the clients waiting for it get the same error
             text = reply[1:].strip().decode("utf-8", "replace")
             pool = self.pool
+            if pool.upstream_auth is None and reply[:7].upper() == b"-NOAUTH":
+                # the server wants a password and the proxy has none: its clients send their own
+                # AUTH, so no connection can be shared; each gets one of its own (see _fail)
+                pool.unshareable(text)
+                self.dead = True
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             if credentials_refused(reply):
                 self.refusal = UPSTREAM_REFUSED
                 if pool.on_auth_error is not None:
@@ -292,6 +301,9 @@ class SharedUpstream(asyncio.Protocol):
         waiters, self.waiters = self.waiters, []
         for link in waiters:
             s = link.session
+            if self.pool.no_share is not None and not s.closed:
+                self.pool.unpool(link, "auth")
+                continue
             link.closed = True
             if s.closed:
                 continue
@@ -540,6 +552,17 @@ class UpstreamPool:
         self.members: set[PooledLink] = set()  # the clients on the pool (CLIENT LIST shows them)
         self.known: dict[str, bytes | None] = {}  # PROBES name -> None (known) or the server's error
         self.closing = False
+        self.no_share: str | None = None  # why no connection can be shared (see unshareable)
+
+    def unshareable(self, text: str) -> None:
+        """The server refused a shared connection's HELLO for want of a password, and the proxy has
+        none: its clients authenticate themselves, so each gets a connection of its own, as without
+        a pool (not a credentials error: the proxy's are not wrong, it has none)."""
+        if self.no_share is None:
+            log.warning("upstream pool: the server requires a password and the proxy has none (--upstream URL, "
+                        "--upstream-password-file): no connection can be shared, each client gets its own and "
+                        "authenticates itself (%s)", text[:120])
+        self.no_share = text
 
     # -- attaching ----------------------------------------------------------------------------------
     def request(self, conn: Any) -> Callable[[], None]:
@@ -549,6 +572,9 @@ class UpstreamPool:
     def attach(self, link: PooledLink) -> None:
         session = link.session
         if session.closed:
+            return
+        if self.no_share is not None:
+            self.unpool(link, "auth")  # (no connection can be shared: see unshareable)
             return
         link.proto = session.protocol
         if session.waiting:  # (a client that opens with HELLO 3 goes to a RESP3 connection at once)
@@ -725,11 +751,10 @@ class UpstreamPool:
         if name == "auth":
             return "pin", "auth"  # (not the proxy's: the gate answers that one before)
         if name == "select":
-            try:
-                if len(args) == 2 and int(args[1]) == self.db and args[1].isdigit():
-                    return "reply", OK
-            except ValueError:
-                pass
+            # (Redis reads the index strictly: "00" or "+0" is not an integer to it, and is answered
+            # by the server on a connection of the client's own)
+            if len(args) == 2 and args[1] == b"%d" % self.db:
+                return "reply", OK
             return "pin", "select db"
         if name == "client|getname":
             if len(args) != 2:
@@ -738,6 +763,8 @@ class UpstreamPool:
                 return "reply", b"$%d\r\n%s\r\n" % (len(session.name), session.name)
             return "reply", b"_\r\n" if session.protocol == 3 else b"$-1\r\n"
         if name == "hello":
+            if split_hello(args)[1] is not None and not getattr(self.settings.policy, "intercept_auth", False):
+                return "pin", "auth"  # (credentials for the server, not the proxy's: the server checks them)
             proto = session.protocol
             if len(args) >= 2:
                 try:

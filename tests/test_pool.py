@@ -455,3 +455,48 @@ def test_a_large_request_queued_behind_a_held_command_never_streams_over_a_share
         assert x.read() is None and x.read()[b"proto"] == 3 and x.read() == b"OK"
     assert upstream.client().get("bigkey") == b"A" * n
     assert proxy.metric_sum("respmeter_pinned_total", by=("reason",)).get("large request") == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_clients_that_authenticate_themselves_to_a_server_with_a_password(redis_factory, proxy_factory, protocol):
+    """The server wants a password and the proxy has none (each client sends its own AUTH): no
+    connection can be shared, so each client gets its own, as without a pool, and works. It used
+    to be refused with 'upstream rejected the proxy's credentials' (the shared connection's HELLO
+    got NOAUTH), and /healthz blamed the proxy's credentials."""
+    upstream = redis_factory(password="s3cret-pw")
+    proxy = proxy_factory(f"redis://127.0.0.1:{upstream.port}", ["--upstream-pool", "2"])
+    c = redis.Redis(host=proxy.host, port=proxy.port, password="s3cret-pw", protocol=protocol, socket_timeout=10)
+    assert c.set("k", "v") and c.get("k") == b"v"
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        assert s.call("AUTH", "s3cret-pw") == b"OK" and s.call("GET", "k") == b"v"
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        assert s.call("GET", "k").startswith("NOAUTH")  # (the server's own answer, as straight to it)
+    assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("auth", 0) == 0
+    assert proxy.healthz()[0] == 200
+    assert proxy.metric_sum("respmeter_pinned_total", by=("reason",)).get("auth", 0) >= 2
+    assert "no connection can be shared" in proxy.log_text()
+
+
+def test_hello_auth_for_the_server_is_checked_by_the_server(redis_factory, proxy_factory):
+    """HELLO 3 AUTH user pass from a pooled client, when the proxy checks no credentials itself:
+    they are the server's to check (a wrong password is refused, a right one makes the connection
+    that user), so the client leaves the pool for its own connection. The pool used to answer it
+    from its book, accepting any password and leaving the client the default user."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2)
+    upstream.client().execute_command("ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all")
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        assert s.call("HELLO", "3")[b"proto"] == 3  # (the pool learns the RESP3 HELLO reply)
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        r = s.call("HELLO", "3", "AUTH", "alice", "wrong")
+        assert isinstance(r, support.RespError) and r.startswith("WRONGPASS"), r
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s:
+        assert s.call("HELLO", "3", "AUTH", "alice", "alice-pw")[b"proto"] == 3
+        assert s.call("ACL", "WHOAMI") == b"alice"
+
+
+def test_select_is_read_as_strictly_as_the_server_reads_it(redis_factory, proxy_factory):
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 2)
+    direct = support.RespSocket(upstream.host, upstream.port, timeout=10)
+    with support.RespSocket(proxy.host, proxy.port, timeout=10) as s, direct:
+        for arg in ("0", "00", "+0", "-0", " 0"):
+            assert s.call("SELECT", arg) == direct.call("SELECT", arg), arg
