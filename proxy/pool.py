@@ -197,6 +197,7 @@ class SharedUpstream(asyncio.Protocol):
         self.last_data = time.monotonic()  # when it last sent anything
         self.due_since = 0.0  # when a reply last became due while none was
         self.hs_buf = bytearray()
+        self.in_push = False  # the last read ended inside a push (dropped, to its end)
         self.hs: list[tuple[list[bytes], Callable[[bool, bytes], None] | None]] = []
         self.refusal: bytes | None = None  # the server's error reply refusing this connection
         self.up_full = False
@@ -373,6 +374,7 @@ class SharedUpstream(asyncio.Protocol):
                 if head is not None and head[0] is not None and prev > start:
                     self._deliver(head[0], data[start:prev])
                 start = prev = end
+                self.in_push = False
                 continue
             prev = end
             if head is None:
@@ -401,7 +403,12 @@ class SharedUpstream(asyncio.Protocol):
                     fn()
                 head = routes[0] if routes else None
         if start < len(data):  # the start of a reply: its session's own framer carries on with it
-            if head is None:
+            if self.in_push or (prev < len(data) and data[prev] == 0x3E):
+                # ('>': a push cut across reads, from prev on: it is dropped whole, to its end)
+                if head is not None and head[0] is not None and prev > start:
+                    self._deliver(head[0], data[start:prev])  # (replies before it)
+                self.in_push = True
+            elif head is None:
                 self._broken("upstream sent a reply nobody asked for")
             elif head[0] is None:
                 self.hs_buf += data[start:]

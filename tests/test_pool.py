@@ -500,3 +500,47 @@ def test_select_is_read_as_strictly_as_the_server_reads_it(redis_factory, proxy_
     with support.RespSocket(proxy.host, proxy.port, timeout=10) as s, direct:
         for arg in ("0", "00", "+0", "-0", " 0"):
             assert s.call("SELECT", arg) == direct.call("SELECT", arg), arg
+
+
+def test_a_push_cut_across_reads_on_a_shared_connection_reaches_no_client(redis_factory, proxy_factory):
+    """A RESP3 push on a shared connection (a pinned client redirected its tracking invalidations
+    there) that arrives cut across reads: dropped whole, while a pooled client's pipelined GETs run
+    on the same connection. Its first part used to go to that client (a broken reply stream, its
+    session failed with 'does not speak RESP', /healthz 503)."""
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    big = "K" * 300_000
+    obs = upstream.client()
+    obs.set("small", "v")
+    q = support.RespSocket(proxy.host, proxy.port, timeout=10)
+    assert q.call("HELLO", "3")[b"proto"] == 3 and q.call("GET", "small") == b"v"
+    me = str(obs.client_id())
+    shared = [c for c in obs.client_list() if c.get("resp") == "3" and c["id"] != me]  # (the pool's RESP3 one)
+    assert len(shared) == 1, obs.client_list()
+    t = support.RespSocket(proxy.host, proxy.port, timeout=10)
+    assert t.call("HELLO", "3")[b"proto"] == 3
+    assert t.call("CLIENT", "TRACKING", "ON", "REDIRECT", shared[0]["id"]) == b"OK"  # (pins t)
+    assert t.call("GET", big) is None  # t now tracks the big key
+    errors: list[BaseException] = []
+
+    def pooled_gets() -> None:
+        try:
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                q.send(support.encode_resp("GET", "small") * 50)
+                for _ in range(50):
+                    r = q.read()
+                    assert r == b"v", r
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    th = threading.Thread(target=pooled_gets)
+    th.start()
+    time.sleep(0.2)
+    obs.set(big, "x")  # the server pushes an invalidation of the 300 KB key to the shared connection
+    th.join(10)
+    assert not errors, errors
+    assert q.call("GET", "small") == b"v"
+    assert proxy.healthz()[0] == 200
+    assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("protocol", 0) == 0
+    q.sock.close()
+    t.sock.close()
