@@ -25,8 +25,9 @@ How it works
   for exactly those commands (nothing is retried: a write may have run); a client whose reply was
   cut in the middle is closed. The others go on over a new connection, opened when next needed.
 * A pooled client that does not read its replies pauses the shared connection's reading (others'
-  replies wait behind its own, as on one connection); one that keeps it paused for ``STALL``
-  seconds is disconnected, so a bystander waits that long at most.
+  replies wait behind its own, as on one connection); whoever keeps it paused once a stall episode
+  is ``STALL`` seconds old is disconnected (an episode: pauses close together, from one client that
+  reads too slowly or from several that stall in turn), so a bystander waits about that long at most.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from .server import P_UPSTREAM_FULL, classify_connect_error, open_upstream, tune
 log = logging.getLogger("respmeter.pool")
 
 STALL = 2.0  # seconds a pooled client that does not read may keep its shared connection paused
+STALL_GAP = 1.0  # pauses of a shared connection less than this apart are one stall episode
+STALL_GRACE = 0.2  # seconds a client that fills up late in an episode still has to read
 PONG = b"+PONG\r\n"
 OK = b"+OK\r\n"
 # what a pooled client may send that the pool answers itself (never on the session's fast path)
@@ -194,6 +197,8 @@ class SharedUpstream(asyncio.Protocol):
         self.links: set[PooledLink] = set()
         self.waiters: list[PooledLink] = []
         self.paused_for: set[PooledLink] = set()
+        self.episode: float | None = None  # when the current stall episode began (loop time)
+        self.resumed_at = 0.0  # when reading last resumed after a pause
         self.last_data = time.monotonic()  # when it last sent anything
         self.due_since = 0.0  # when a reply last became due while none was
         self.hs_buf = bytearray()
@@ -500,12 +505,22 @@ class SharedUpstream(asyncio.Protocol):
 
     # -- a pooled client slow to read ------------------------------------------------------------
     def client_full(self, link: PooledLink) -> None:
+        """A client's replies wait for it to read: the shared connection stops being read. The
+        others' wait is bounded per stall *episode*, not per client: pauses less than
+        STALL_GAP apart are one episode (a slow but steady reader that refills at once, clients that
+        stall one after another), and whoever keeps the connection paused once the episode is
+        STALL old goes (after STALL_GRACE, for one that only just filled up)."""
         if link in self.paused_for or self.transport is None:
             return
+        now = self.pool.loop.time()
         if not self.paused_for:
             self.transport.pause_reading()
+            if self.episode is None or now - self.resumed_at > STALL_GAP:
+                self.episode = now
         self.paused_for.add(link)
-        link.stall_timer = self.pool.loop.call_later(STALL, self._stalled, link)
+        assert self.episode is not None
+        due = max(self.episode + STALL, now + STALL_GRACE)
+        link.stall_timer = self.pool.loop.call_later(due - now, self._stalled, link)
 
     def _client_drained(self, link: PooledLink) -> None:
         if link not in self.paused_for:
@@ -516,6 +531,7 @@ class SharedUpstream(asyncio.Protocol):
             link.stall_timer = None
         if not self.paused_for and self.transport is not None and not self.dead:
             self.transport.resume_reading()
+            self.resumed_at = self.pool.loop.time()
 
     def _stalled(self, link: PooledLink) -> None:
         """It kept the shared connection from being read for STALL seconds: it goes, and the
@@ -523,7 +539,8 @@ class SharedUpstream(asyncio.Protocol):
         link.stall_timer = None
         if link not in self.paused_for:
             return
-        log.info("upstream pool: client %s did not read its replies for %gs: closing it", link.session.peer, STALL)
+        log.info("upstream pool: client %s kept a shared connection from being read for %gs (not reading its "
+                 "replies fast enough): closing it", link.session.peer, STALL)
         self.pool.stats.refused_connections["slow_reader"] += 1
         session = link.session
         session.lingering = True  # (nothing more is written to it)

@@ -4,6 +4,7 @@ connection, and a client that does not read its replies."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -544,3 +545,54 @@ def test_a_push_cut_across_reads_on_a_shared_connection_reaches_no_client(redis_
     assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("protocol", 0) == 0
     q.sock.close()
     t.sock.close()
+
+
+@pytest.mark.parametrize("how", ["one slow but steady reader", "four that never read, one after another"])
+def test_the_wait_a_shared_connection_imposes_on_a_bystander_is_bounded(redis_factory, proxy_factory, how):
+    """The bound on a bystander's wait holds against a client that reads its 100 MB of replies
+    steadily but slowly (it never stops reading for STALL seconds at a time), and against several
+    that never read and stall the shared connection in turn. The first used to hold the bystander
+    up until the proxy blamed the upstream (a timeout after 10 s, /healthz 503), the second for
+    STALL seconds per client."""
+    from proxy.pool import STALL, STALL_GRACE
+
+    upstream, proxy = _pooled(redis_factory, proxy_factory, 1)
+    upstream.client().set("big", b"x" * (1 << 20))
+    bystander = proxy.client(socket_timeout=30)
+    assert bystander.get("warm") is None
+    hogs = []
+    stop = threading.Event()
+    if how.startswith("one"):
+        hog = socket.create_connection((proxy.host, proxy.port))
+        hog.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 100)
+        hogs.append(hog)
+
+        def read_slowly() -> None:  # ~3 MB/s
+            hog.settimeout(5)
+            with contextlib.suppress(OSError):
+                while not stop.is_set() and hog.recv(300_000):
+                    time.sleep(0.1)
+
+        threading.Thread(target=read_slowly, daemon=True).start()
+        n_hogs = 1
+    else:
+        n_hogs = 4
+        for _ in range(n_hogs):
+            hog = socket.create_connection((proxy.host, proxy.port))
+            hog.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 32)
+            hogs.append(hog)
+    time.sleep(0.2)
+    worst = 0.0
+    end = time.monotonic() + STALL + 4
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        assert bystander.get("warm") is None
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    stop.set()
+    assert worst < STALL + STALL_GRACE * n_hogs + 1.0, worst
+    assert proxy.metric_sum("respmeter_refused_connections_total", by=("reason",)).get("slow_reader") == n_hogs
+    assert proxy.metric_sum("respmeter_upstream_errors_total", by=("kind",)).get("timeout", 0) == 0
+    assert proxy.healthz()[0] == 200
+    for hog in hogs:
+        hog.close()
