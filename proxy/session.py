@@ -620,8 +620,11 @@ class Session:
                 break
         if send_from < end:
             self._write_upstream(raw[send_from:end] if send_from or end < len(raw) else raw)
-        if self.waiting and not self.connected and not self.held:
-            self._dispatch()  # (asks for the connection they wait for)
+        if self.waiting and not self.connected:
+            if self.fail_msg is not None:  # (refused meanwhile: no connection will come)
+                self._reject_all(self.fail_msg)
+            elif not self.held:
+                self._dispatch()  # (asks for the connection they wait for)
 
     def _dispatch(self) -> None:
         """Slow path: dispatch what is waiting, in order, until something must wait."""
