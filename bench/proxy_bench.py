@@ -12,7 +12,9 @@ Starts its own processes, all on free loopback ports, and stops them on exit, Ct
   one-server pool (config written to a temp dir, stats port on loopback);
 * with ``--with-forwarder``, the ceilings of both designs in Python: ``bench/forwarder.py`` (one
   upstream connection per client, no parsing) and ``bench/pool_forwarder.py`` (the pool's design,
-  one shared connection with the same C framing, no counting or policy).
+  one shared connection with the same C framing, no counting or policy); and the pool's design
+  with its protocols written in C, ``bench/c_pool_forwarder.py`` (compiled on first use; skipped
+  when there is no C compiler): no interpreter work per request at all.
 
 Then for each shape (``-c 50``, ``-c 50 -P 16``, ``-c 1``) it runs ``redis-benchmark -t set,get``
 against each target, interleaved (direct, proxy, twem, direct, proxy, twem, ...) for ``--rounds``
@@ -250,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 if any proxy/direct ratio is below this")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, twemproxy config)")
     ap.add_argument("--with-forwarder", action="store_true",
-                    help="also run bench/forwarder.py and (with --pool) bench/pool_forwarder.py: zero-work Python "
-                         "pass-throughs, the ceilings of the two designs")
+                    help="also run bench/forwarder.py and (with --pool) bench/pool_forwarder.py and "
+                         "bench/c_pool_forwarder.py: zero-work pass-throughs, the ceilings of the two designs")
     ap.add_argument("--pool", type=int, default=1, metavar="N",
                     help="also run respmeter with --upstream-pool N (its ratios to twemproxy are the pool's "
                          "record); 0: skip [%(default)s]")
@@ -318,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.pool:
                 targets["pool_forwarder"], pids["pool_forwarder"] = retry(lambda: start_forwarder("pool_forwarder"),
                                                                           "starting the pooled forwarder")
+                built = subprocess.run([args.python, str(REPO / "bench" / "c_pool_forwarder.py"), "--build-only"],
+                                       capture_output=True, text=True, timeout=180)
+                if built.returncode == 0:
+                    targets["c_pool_forwarder"], pids["c_pool_forwarder"] = retry(
+                        lambda: start_forwarder("c_pool_forwarder"), "starting the C pooled forwarder")
+                else:
+                    print("proxy_bench: skipping the C pooled forwarder: "
+                          + (built.stderr.strip().splitlines() or ["it does not build"])[-1], file=out)
         if args.pool:
             targets["pool"], _, pids["pool"] = retry(
                 lambda: start_proxy(procs, work, args.python, redis_port,
@@ -420,14 +430,16 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(f"{t} {m['user']:.2f} + {m['system']:.2f}")
             print(f"  {shape:8} " + "   ".join(cells), file=out)
     if args.with_forwarder:
-        print("\nzero-work Python forwarders (each design's ceiling), same run, medians:", file=out)
+        print("\nzero-work forwarders (each design's ceiling), same run, medians:", file=out)
         for shape, _a, _p in shapes:
             for test in TESTS:
-                med = {t: statistics.median(v) for t in TARGET_NAMES + ["forwarder", "pool_forwarder"]
+                med = {t: statistics.median(v)
+                       for t in TARGET_NAMES + ["forwarder", "pool_forwarder", "c_pool_forwarder"]
                        if (v := results.get((shape, test, t)))}
                 # (each forwarder beside the respmeter mode of its design)
                 for fwd, name, mode, label in (("forwarder", "forwarder", "proxy", "respmeter"),
-                                               ("pool_forwarder", "pooled forwarder", "pool", "pool")):
+                                               ("pool_forwarder", "pooled forwarder", "pool", "pool"),
+                                               ("c_pool_forwarder", "C pooled forwarder", "pool", "pool")):
                     f, d, p, tw = med.get(fwd), med.get("direct"), med.get(mode), med.get("twem")
                     if f and d and p:
                         print(f"  {shape:8} {test}: {name} {f:>11,.0f} rps = {f / d:.2f} of direct"
