@@ -743,7 +743,12 @@ class Session:
             if kind == Admission.REPLY:
                 if outcome:  # (empty: the policy counted it, proxy.savers)
                     self.stats.count_command(client, name, outcome)
-                self._answer(payload, name, client)
+                if not self.reply_off or name == "reset":
+                    # (CLIENT REPLY OFF: no reply at all, errors included, as on Redis; RESET turns
+                    # replies back on, and is answered. After CLIENT REPLY SKIP the proxy's reply
+                    # takes the place of the next one: the server, which did not see this command,
+                    # skips its reply to the next one it sees)
+                    self._answer(payload, name, client)
                 if self.close_after_reply:
                     self.closing = True
                 if name == "quit":

@@ -233,7 +233,8 @@ def test_runs_of_denied_commands_never_take_the_fast_path(hot_path: str) -> None
 
 def test_nothing_denied_keeps_the_fast_path() -> None:
     p = Play(CommandPolicy([]))
-    assert p.gate.commands is None and p.gate.slow_names == frozenset()
+    # (only what the proxy never forwards, whatever the policy: proxy.gate.REFUSED_NAMES)
+    assert p.gate.commands is None and p.gate.slow_names == frozenset({"client|maint_notifications"})
     assert p.gate.fast_admit(p.s, 1)
     assert p.send([b"CONFIG", b"GET", b"x"]) == enc([b"CONFIG", b"GET", b"x"])
 
@@ -497,3 +498,16 @@ def test_monitor_is_allowed_but_cannot_carry_a_denied_command(guarded) -> None: 
         assert s.closed_by_peer()
     delta = commandstats_delta(before, _stats(server))
     assert "config|get" not in delta and delta.get("monitor") == 1
+
+
+def test_a_denied_command_under_client_reply_off_gets_no_reply(hot_path: str) -> None:
+    """CLIENT REPLY OFF: Redis sends no reply at all, errors included; the proxy's refusal is no
+    exception (a client that turned replies off reads none, and an unexpected one would be taken
+    for the reply to a later command). Counted all the same."""
+    p = Play()
+    up = p.send([b"CLIENT", b"REPLY", b"OFF"], [b"CONFIG", b"GET", b"requirepass"], [b"SET", b"a", b"1"],
+                [b"CLIENT", b"REPLY", b"ON"], [b"GET", b"a"])
+    assert up == enc([b"CLIENT", b"REPLY", b"OFF"], [b"SET", b"a", b"1"], [b"CLIENT", b"REPLY", b"ON"], [b"GET", b"a"])
+    assert b"".join(p.to_client) == b""  # (not the refusal, even before the server's replies come)
+    assert p.reply(b"+OK\r\n$1\r\n1\r\n") == b"+OK\r\n$1\r\n1\r\n"  # only ON's and GET's replies
+    assert rejections(p) == {"denied": 1}
