@@ -1,0 +1,187 @@
+"""CLIENT MAINT_NOTIFICATIONS ON is answered by the proxy and never forwarded.
+
+redis-py 8 sends it on every RESP3 connection (maintenance notifications "auto"). A server that knows
+it (Redis Software, Redis Cloud) then pushes MOVING when the database moves, and redis-py reconnects
+to the address in the push by itself: past the proxy, where its commands are neither counted nor
+capped. The proxy answers as a server without the feature does (Redis 7's own error), so a client in
+"auto" mode carries on through the proxy, and the server never hears of it.
+
+``MaintServer`` is such a server: it knows the command, and a connection that turns the
+notifications on gets a MOVING push to another loopback address before its next reply.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import hiredis
+import pytest
+
+from support import RespError, RespSocket, encode_resp
+
+ON = ("CLIENT", "MAINT_NOTIFICATIONS", "ON", "moving-endpoint-type", "internal-ip")
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+class MaintServer:
+    """A loopback server that knows CLIENT MAINT_NOTIFICATIONS (and what redis-py's handshake, SET,
+    GET and PING need). A connection that turns the notifications on gets ``MOVING 1 15
+    127.0.0.2:<its port>`` before its next reply."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.moving_to = b"127.0.0.2:%d" % self.port
+        self.seen: list[list[bytes]] = []
+        self.conns: list[socket.socket] = []
+        self.data: dict[bytes, bytes] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn, len(self.conns)), daemon=True).start()
+
+    def _talk(self, conn: socket.socket, cid: int) -> None:
+        reader = hiredis.Reader()
+        proto, on, pushed = 2, False, False
+        try:
+            while data := conn.recv(65536):
+                reader.feed(data)
+                out = []
+                while (args := reader.gets()) is not False:
+                    with self.lock:
+                        self.seen.append([a.lower() for a in args[:2]] + list(args[2:]))
+                    if on and not pushed and proto == 3:
+                        out.append(b">4\r\n" + _bulk(b"MOVING") + b":1\r\n:15\r\n" + _bulk(self.moving_to))
+                        pushed = True
+                    name = args[0].lower()
+                    sub = args[1].lower() if len(args) > 1 else b""
+                    if name == b"hello":
+                        proto = int(args[1]) if len(args) > 1 else proto
+                        fields = [(b"server", _bulk(b"redis")), (b"version", _bulk(b"8.2.0")),
+                                  (b"proto", b":%d\r\n" % proto), (b"id", b":%d\r\n" % cid),
+                                  (b"mode", _bulk(b"standalone")), (b"role", _bulk(b"master")),
+                                  (b"modules", b"*0\r\n")]
+                        head = b"%%%d\r\n" % len(fields) if proto == 3 else b"*%d\r\n" % (2 * len(fields))
+                        out.append(head + b"".join(_bulk(k) + v for k, v in fields))
+                    elif name == b"client" and sub == b"maint_notifications":
+                        on = len(args) > 2 and args[2].lower() == b"on"
+                        out.append(b"+OK\r\n")
+                    elif name == b"client" and sub in (b"setinfo", b"setname"):
+                        out.append(b"+OK\r\n")
+                    elif name == b"ping":
+                        out.append(b"+PONG\r\n")
+                    elif name == b"set" and len(args) == 3:
+                        self.data[args[1]] = args[2]
+                        out.append(b"+OK\r\n")
+                    elif name == b"get" and len(args) == 2:
+                        v = self.data.get(args[1])
+                        out.append(_bulk(v) if v is not None else (b"_\r\n" if proto == 3 else b"$-1\r\n"))
+                    else:
+                        out.append(b"-ERR unknown command '%s'\r\n" % args[0][:40])
+                conn.sendall(b"".join(out))
+        except OSError:
+            pass
+
+    def turned_on(self) -> int:
+        with self.lock:
+            return sum(1 for a in self.seen if a[:2] == [b"client", b"maint_notifications"]
+                       and len(a) > 2 and a[2].lower() == b"on")
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def maint_server():
+    server = MaintServer()
+    yield server
+    server.close()
+
+
+def test_the_server_would_move_a_direct_client_past_anything_in_between(maint_server):
+    """The control: straight to such a server, redis-py's defaults turn the notifications on, and
+    the MOVING push sends the client to the new address on its own."""
+    redis = pytest.importorskip("redis")
+    c = redis.Redis(host="127.0.0.1", port=maint_server.port, protocol=3, socket_timeout=5)
+    with pytest.raises(redis.ConnectionError, match=r"127\.0\.0\.2"):
+        for _ in range(5):
+            c.set("k", "v")
+    assert maint_server.turned_on() >= 1
+    c.close()
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+def test_a_redis_py_client_stays_on_the_proxy(maint_server, proxy_factory, pool):
+    redis = pytest.importorskip("redis")
+    proxy = proxy_factory(f"redis://127.0.0.1:{maint_server.port}", ["--upstream-pool", str(pool)])
+    clients = [redis.Redis(host=proxy.host, port=proxy.port, protocol=3, socket_timeout=5) for _ in range(3)]
+    for i, c in enumerate(clients):
+        for j in range(5):
+            assert c.set(f"k{i}", str(j)) is True
+            assert c.get(f"k{i}") == str(j).encode()
+        assert c.connection_pool.connection_kwargs["host"] == proxy.host
+    assert maint_server.turned_on() == 0  # never forwarded: the server had nothing to push
+    outcomes = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome"))
+    assert outcomes.get(("client|maint_notifications", "local")) == 3, outcomes
+    assert not [k for k in outcomes if k[0] == "client|maint_notifications" and k[1] != "local"], outcomes
+    upstream = proxy.metric_sum("respmeter_upstream_commands_total", by=("client", "command"))
+    assert not [k for k in upstream if k[1] == "client|maint_notifications" and k[0] != "respmeter"], upstream
+    for c in clients:
+        c.close()
+
+
+def test_a_client_that_requires_the_notifications_is_told_at_connect(maint_server, proxy_factory):
+    """enabled=True makes redis-py refuse a connection without them: through the proxy it gets the
+    server-without-the-feature error, the proxy cannot relay a move."""
+    redis = pytest.importorskip("redis")
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    proxy = proxy_factory(f"redis://127.0.0.1:{maint_server.port}")
+    c = redis.Redis(host=proxy.host, port=proxy.port, protocol=3, socket_timeout=5,
+                    maint_notifications_config=MaintNotificationsConfig(enabled=True))
+    with pytest.raises(redis.ResponseError, match="MAINT_NOTIFICATIONS"):
+        c.ping()
+    assert maint_server.turned_on() == 0
+    c.close()
+
+
+def test_the_proxy_answers_as_redis_7_does(redis_factory, proxy_factory):
+    """Byte for byte what Redis 7 (which does not know the command) answers, in a transaction (the
+    refusal while queueing aborts EXEC) and under CLIENT REPLY OFF (no reply at all); OFF still
+    goes to the server."""
+    server = redis_factory()
+    proxy = proxy_factory(server)
+    script = b"".join(encode_resp(*c) for c in [
+        ("CLIENT", "maint_notifications", "on", "moving-endpoint-type", "internal-ip"),
+        ("MULTI",), ON, ("SET", "k", "v"), ("EXEC",),
+        ("CLIENT", "REPLY", "OFF"), ON, ("PING",), ("CLIENT", "REPLY", "ON"),
+        ("CLIENT", "MAINT_NOTIFICATIONS", "OFF"), ("GET", "k"),
+    ])
+    replies = []
+    for host, port in ((server.host, server.port), (proxy.host, proxy.port)):
+        s = RespSocket(host, port)
+        s.send(script)
+        replies.append([s.read() for _ in range(8)])
+    direct, proxied = replies
+    assert direct[0] == RespError("ERR unknown subcommand 'maint_notifications'. Try CLIENT HELP.")
+    assert proxied == direct
+    assert proxied[4].startswith("EXECABORT") and proxied[5] == b"OK" and proxied[7] is None
+    assert server.client().get("k") is None  # the aborted transaction did not run
+    outcomes = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome"))
+    assert outcomes.get(("client|maint_notifications", "local")) == 3, outcomes
+    assert outcomes.get(("client|maint_notifications", "error")) == 1, outcomes  # OFF: the server's
