@@ -126,7 +126,16 @@ class Gate:
             return False
         if self.savers is not None and self.savers.busy(session):
             return False
-        return self.limits is None or self.limits.fast_admit(session, n)
+        limits = self.limits
+        if limits is None:
+            return True
+        if limits.free:
+            # (Limits.fast_admit with no cap and no rule, inlined: only the window rollover)
+            now = limits.clock()
+            if now >= limits.next_reset:
+                limits._rollover(now)
+            return True
+        return limits.fast_admit(session, n)
 
     def fast_refund(self, session: Session, n: int) -> None:
         if self.limits is not None:

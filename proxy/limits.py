@@ -135,6 +135,9 @@ class Limits:
         self._pools: dict[str, Pool] = {}  # key: window|scope
         self._client_pools: dict[str, list[Pool]] = {}
         self.next_reset = 0.0
+        # no cap and no rate rule: every command may go (the gate's fast path asks no more than
+        # the window rollover of this; see fast_admit)
+        self.free = not rules and not caps.any
         self.win_ids: dict[str, str] = {}
         self.bounds: dict[str, tuple[float, float]] = {}  # window -> (start, end) unix time
         self._counted: dict[tuple[str, str], int] = {}  # stats.upstream already flushed
