@@ -17,6 +17,7 @@ Counting rules, chosen so that the upstream count equals the server's ``INFO com
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from . import commands as cmdtable
 from . import resp, streaming
 from .handshake import RECORDED
-from .metrics import PROXY_CLIENT, Stats
+from .metrics import LATENCY_BUCKETS, PROXY_CLIENT, Stats
 from .paths import (
     BLOCKING_NAMES,
     NOT_DEFERRED,
@@ -420,7 +421,8 @@ class Session:
             else:
                 self._answer(err, None, None)
                 self.closing = True
-        self._maybe_close()
+        if self.closing:
+            self._maybe_close()
 
     def _ended(self) -> None:
         hooks, self.on_close = self.on_close, []
@@ -518,7 +520,10 @@ class Session:
                 n = it[2]
                 self.queued += n
                 self.up_n += n
-                self._write_upstream(raw)
+                send = self._send_upstream
+                if send is not None:  # (_write_upstream, inlined: raw is never empty here)
+                    stats.bytes["to_upstream"] += len(raw)
+                    send(raw)
                 name, timed = it[0]
                 self.pending.append((name, client, now, timed, n))
                 key = (client, name)
@@ -923,7 +928,14 @@ class Session:
         key = (client, name, "ok")
         counts[key] = counts.get(key, 0) + n
         if timed:
-            stats.observe_latency(name, now - t0, n)
+            h = stats.latency.get(name)
+            if h is None:
+                stats.observe_latency(name, now - t0, n)
+            else:  # (Stats.observe_latency, inlined)
+                seconds = now - t0
+                h.counts[bisect_left(LATENCY_BUCKETS, seconds)] += n
+                h.total += seconds * n
+                h.n += n
         if pending and type(pending[0]) is Pending and pending[0].expect == 0:
             self._drain_head(None, now)
         if self.closing:
