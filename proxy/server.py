@@ -273,7 +273,11 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
             self.internal_error()
             return
-        if session.backlog > MAX_BACKLOG:
+        # (Session.backlog > MAX_BACKLOG: its usual terms inlined; the others, which only add, are
+        # looked at when they may apply)
+        if len(session.waiting) + len(session.pending) + session.queued + (session.waiting_bytes >> 8) > MAX_BACKLOG or (
+            (not session.connected or session.held or session.stream.state) and session.backlog > MAX_BACKLOG
+        ):
             self.pause(P_BACKLOG)
 
     def eof_received(self) -> bool:
