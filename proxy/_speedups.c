@@ -1,8 +1,9 @@
 /*
  * proxy._speedups: the per-command hot path of respmeter in C.
  *
- * Two pieces, both with no I/O and no asyncio, each an exact drop-in for pure-Python code in
- * proxy/resp.py (which stays the reference and the fallback; tests run both and compare them):
+ * Three pieces, all with no I/O and no asyncio, each an exact drop-in for pure-Python code in
+ * proxy/resp.py and proxy/metrics.py (which stay the reference and the fallback; tests run both and
+ * compare them):
  *
  *   scan(buf, start, max_bulk, names, fast) -> (items, end, need, count)
  *       Frames client requests that are strict RESP multibulks of bulk strings, starting at a request
@@ -15,10 +16,14 @@
  *       `plain`: whether every frame of the last feed was an ordinary reply (no error, no push, no
  *       array that could be a pub/sub message), which lets the session pair a whole read at once.
  *
+ *   Histogram(bounds): proxy.metrics.Histogram (counts, total, n), whose observe(seconds, n) runs for
+ *       every reply paired on the pooled fast path.
+ *
  * Nothing here runs Python code while it holds borrowed references (dict lookups use bytes keys).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
 #define MAX_INLINE (64 * 1024)  /* PROTO_INLINE_MAX_SIZE */
@@ -736,6 +741,111 @@ static PyTypeObject FramerType = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* latency histogram: the C twin of proxy.metrics.Histogram (the same counts, total and n) */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *bounds; /* tuple of floats, ascending (proxy.metrics.LATENCY_BUCKETS) */
+    PyObject *counts; /* list of ints, len(bounds) + 1 */
+    double total;
+    long long n;
+} Hist;
+
+static PyObject *Hist_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *bounds;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Histogram(bounds) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &bounds))
+        return NULL;
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(bounds, i))) {
+            PyErr_SetString(PyExc_TypeError, "Histogram bounds must be floats");
+            return NULL;
+        }
+    }
+    Hist *h = (Hist *)type->tp_alloc(type, 0);
+    if (h == NULL)
+        return NULL;
+    h->counts = PyList_New(nb + 1);
+    if (h->counts == NULL) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i <= nb; i++)
+        PyList_SET_ITEM(h->counts, i, PyLong_FromLong(0));
+    h->bounds = Py_NewRef(bounds);
+    h->total = 0.0;
+    h->n = 0;
+    return (PyObject *)h;
+}
+
+static void Hist_dealloc(Hist *h) {
+    Py_XDECREF(h->bounds);
+    Py_XDECREF(h->counts);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+/* observe(seconds, n): counts[bisect_left(bounds, seconds)] += n; total += seconds * n; n += n */
+static PyObject *Hist_observe(Hist *h, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "observe(seconds, n)");
+        return NULL;
+    }
+    double x = PyFloat_AsDouble(args[0]);
+    if (x == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyObject *nobj = args[1];
+    long long k = PyLong_AsLongLong(nobj);
+    if (k == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(h->bounds);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(h->bounds, mid)) < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    PyObject *old = PyList_GET_ITEM(h->counts, lo);
+    PyObject *sum = PyNumber_Add(old, nobj);
+    if (sum == NULL)
+        return NULL;
+    PyList_SET_ITEM(h->counts, lo, sum);
+    Py_DECREF(old);
+    h->total += x * (double)k;
+    h->n += k;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Hist_methods[] = {
+    {"observe", (PyCFunction)(void (*)(void))Hist_observe, METH_FASTCALL,
+     "observe(seconds, n): one more sample (n of them) of this many seconds"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Hist_members[] = {
+    {"counts", T_OBJECT_EX, offsetof(Hist, counts), READONLY, "samples per bucket (the last: above every bound)"},
+    {"total", T_DOUBLE, offsetof(Hist, total), 0, "sum of the samples"},
+    {"n", T_LONGLONG, offsetof(Hist, n), 0, "number of samples"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HistType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._speedups.Histogram",
+    .tp_basicsize = sizeof(Hist),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Latency histogram (C twin of proxy.metrics.Histogram): Histogram(bounds).",
+    .tp_new = Hist_new,
+    .tp_dealloc = (destructor)Hist_dealloc,
+    .tp_methods = Hist_methods,
+    .tp_members = Hist_members,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* module */
 
 static PyObject *init(PyObject *module, PyObject *args) {
@@ -760,12 +870,13 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
-    if (PyType_Ready(&FramerType) < 0)
+    if (PyType_Ready(&FramerType) < 0 || PyType_Ready(&HistType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "ReplyFramer", (PyObject *)&FramerType) < 0) {
+    if (PyModule_AddObjectRef(m, "ReplyFramer", (PyObject *)&FramerType) < 0
+        || PyModule_AddObjectRef(m, "Histogram", (PyObject *)&HistType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

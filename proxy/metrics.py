@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .resp import hot_path
+from .resp import _speedups, hot_path
 
 OUTCOMES = ("ok", "error", "rejected", "local")
 # why the proxy refused a command (respmeter_rejections_total{reason})
@@ -117,6 +117,15 @@ class Histogram:
         self.n += n
 
 
+# its C twin (proxy/_speedups.c: the same counts, total and n), when built: observe() is one C call
+_CHistogram = getattr(_speedups, "Histogram", None) if _speedups is not None else None
+C_HISTOGRAM = _CHistogram is not None
+
+
+def new_histogram() -> Histogram:
+    return _CHistogram(LATENCY_BUCKETS) if _CHistogram is not None else Histogram()
+
+
 class Stats:
     """All counters of one proxy process."""
 
@@ -180,7 +189,10 @@ class Stats:
     def observe_latency(self, command: str, seconds: float, n: int = 1) -> None:
         h = self.latency.get(command)
         if h is None:
-            h = self.latency[command] = Histogram()
+            h = self.latency[command] = new_histogram()
+        if C_HISTOGRAM:
+            h.observe(seconds, n)
+            return
         # (Histogram.observe, inlined: this runs for every reply)
         h.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += n
         h.total += seconds * n

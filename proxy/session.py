@@ -25,7 +25,7 @@ from typing import Any
 from . import commands as cmdtable
 from . import resp, streaming
 from .handshake import RECORDED
-from .metrics import LATENCY_BUCKETS, PROXY_CLIENT, Stats
+from .metrics import C_HISTOGRAM, LATENCY_BUCKETS, PROXY_CLIENT, Stats
 from .paths import (
     BLOCKING_NAMES,
     NOT_DEFERRED,
@@ -931,6 +931,8 @@ class Session:
             h = stats.latency.get(name)
             if h is None:
                 stats.observe_latency(name, now - t0, n)
+            elif C_HISTOGRAM:
+                h.observe(now - t0, n)
             else:  # (Stats.observe_latency, inlined)
                 seconds = now - t0
                 h.counts[bisect_left(LATENCY_BUCKETS, seconds)] += n

@@ -322,3 +322,30 @@ def test_sessions_match_reference(batches: list) -> None:
         if held < len(replies):
             plan.append(([], replies[held:], []))
     assert play_session(plan, pure=False) == play_session(plan, pure=True)
+
+
+# -- the latency histogram ------------------------------------------------------------------------
+@given(st.lists(st.tuples(st.one_of(st.floats(min_value=0.0, max_value=1e6, allow_nan=False),
+                                    st.sampled_from([0.0, 0.00005, 0.0001, 0.00025, 2.5, 10.0, 10.000001])),
+                          st.integers(1, 1000)), max_size=200))
+@settings(max_examples=300 * SCALE, deadline=None)
+def test_histogram_matches_reference(samples: list) -> None:
+    from proxy.metrics import LATENCY_BUCKETS, Histogram
+
+    c, py = resp._speedups.Histogram(LATENCY_BUCKETS), Histogram()
+    for seconds, n in samples:
+        c.observe(seconds, n)
+        py.observe(seconds, n)
+    assert (c.n, c.total, list(c.counts)) == (py.n, py.total, py.counts)
+    assert type(c.n) is int and type(c.total) is float
+
+
+def test_histogram_is_the_c_one() -> None:
+    from proxy.metrics import C_HISTOGRAM
+
+    stats = Stats()
+    stats.observe_latency("get", 0.0003, 2)
+    assert C_HISTOGRAM and type(stats.latency["get"]) is resp._speedups.Histogram
+    assert (stats.latency["get"].n, list(stats.latency["get"].counts)[3]) == (2, 2)
+    with pytest.raises(TypeError):
+        resp._speedups.Histogram((1, 2.0))  # bounds are floats
