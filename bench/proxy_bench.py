@@ -17,11 +17,14 @@ Starts its own processes, all on free loopback ports, and stops them on exit, Ct
   when there is no C compiler): no interpreter work per request at all.
 
 Then for each shape (``-c 50``, ``-c 50 -P 16``, ``-c 1``) it runs ``redis-benchmark -t set,get``
-against each target, interleaved (direct, proxy, twem, direct, proxy, twem, ...) for ``--rounds``
-rounds so machine noise hits all targets alike, and reports the median requests/second per target and
-the ratios to direct. Beside them, the CPU each proxy's own process used per request, user and
-system (from /proc, read around each run): a steadier measure than requests/second on a shared
-machine, and it tells the proxy's own work (user) from the system calls' (system).
+against each target, interleaved (direct, proxy, twem, then twem, proxy, direct, ...) for
+``--rounds`` rounds so machine noise hits all targets alike, and reports the median requests/second
+per target and the ratios to direct. The pool's record against twemproxy is also given paired: the
+median of each round's own ratio, with its 95% interval (distribution-free), which needs about 9
+rounds or more to be narrow (``--rounds 15 --seconds 1``). Beside them, the CPU each proxy's own
+process used per request, user and system (from /proc, read around each run): a steadier measure
+than requests/second on a shared machine, and it tells the proxy's own work (user) from the system
+calls' (system).
 
 ``-n``: unless ``--n`` is given, a short calibration run per shape and target picks the request
 count so that each run (SET + GET) takes about ``--seconds`` (3 s; 1 s with ``--quick``).
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -218,6 +222,33 @@ def fmt_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of ``xs`` (order statistics: the
+    number of samples below the median is binomial(n, 1/2)); None when there are too few."""
+    xs = sorted(xs)
+    n = len(xs)
+    tail = (1 - level) / 2
+    k = -1  # the largest k with P(Binomial(n, 1/2) <= k) <= tail
+    cdf = 0.0
+    for i in range(n + 1):
+        cdf += math.comb(n, i) / 2 ** n
+        if cdf > tail:
+            break
+        k = i
+    if k < 0:
+        return None
+    return xs[k], xs[n - 1 - k]
+
+
+def paired(results: dict, shape: str, test: str, a: str, b: str) -> list[float]:
+    """a/b in each round, the two measured minutes apart at most (the machine's load drifts
+    slower than that): steadier than the ratio of the two medians."""
+    ra, rb = results.get((shape, test, a)), results.get((shape, test, b))
+    if not ra or not rb:
+        return []
+    return [x / y for x, y in zip(ra, rb) if y]
+
+
 def print_table(rows: list[dict], out) -> None:
     head = ["shape", "test", "direct rps", "proxy rps", "proxy/direct", "pool rps", "pool/direct", "twemproxy rps",
             "twem/direct", "proxy/twem", "pool/twem"]
@@ -362,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
                 n = int(n * seconds / max(wall, 0.01))
                 ns[(shape, tname)] = max(1_000, min(n, 20_000_000))
             for rnd in range(rounds):
-                for tname, port in targets.items():
+                # (every other round in the reverse order: a target that always ran right after
+                # another would inherit that one's effect on the machine, a bias pairing cannot undo)
+                order = list(targets.items()) if rnd % 2 == 0 else list(reversed(targets.items()))
+                for tname, port in order:
                     n = ns[(shape, tname)]
 
                     def measured() -> tuple[dict[str, float], float, tuple[float, float] | None]:
@@ -415,10 +449,25 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": {t: results.get((shape, test, t), []) for t in TARGET_NAMES},
                 # (per shape: one redis-benchmark run does SET and GET)
                 "cpu_us_per_request": {t: cpu_medians(cpu.get((shape, t))) for t in pids},
+                # the same round's ratios (see paired), and the 95% interval of their median
+                "paired": {f"{a}_{b}": {"rounds": (r := paired(results, shape, test, a, b)),
+                                        "median": statistics.median(r) if r else None,
+                                        "ci95": median_ci(r) if r else None}
+                           for a, b in (("pool", "twem"), ("proxy", "twem"), ("pool", "direct"))},
                 "n": {t: ns.get((shape, t)) for t in TARGET_NAMES},
             })
     print(file=out)
     print_table(rows, out)
+    if any(r["paired"]["pool_twem"]["rounds"] for r in rows):
+        print("\npool / twemproxy, paired by round (the median of each round's ratio, its 95% interval, "
+              "and the rounds' range):", file=out)
+        for r in rows:
+            p = r["paired"]["pool_twem"]
+            if p["rounds"]:
+                ci = p["ci95"]
+                print(f"  {r['shape']:8} {r['test']}: {p['median']:.2f}"
+                      + (f"  [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "  [too few rounds for an interval]")
+                      + f"  ({min(p['rounds']):.2f} to {max(p['rounds']):.2f} over {len(p['rounds'])})", file=out)
     if cpu:
         print("\nCPU per request in each proxy's own process, user + system µs (medians over the rounds; "
               "SET and GET together):", file=out)
