@@ -184,6 +184,12 @@ class Session:
         self.pool_link: Any = None
         self.pinned: str | None = None  # why it left the pool for a connection of its own
         self.pin_answer: bytes | None = None  # the reply to the AUTH that pinned it (sent first there)
+        # the client's end passed on upstream (see client_eof): how, when its own upstream
+        # connection can be half-closed (set by the I/O layer), whether to once what waits is
+        # written, and when it was
+        self.relay_eof: Callable[[], None] | None = None
+        self.relay_due = False
+        self.relayed_at: float | None = None
         if policy is not None:
             policy.init_session(self)
 
@@ -431,19 +437,45 @@ class Session:
 
     def client_eof(self) -> bool:
         """The client will send nothing more. Like Redis, which runs what it has read and writes
-        the replies before it sees the end: answer what was sent, then close (True). A blocked
-        command (or a subscription) is abandoned at the end, as Redis frees such a client: False,
-        close now."""
+        the replies before it sees the end: answer what was sent, then close (True). A subscription
+        is abandoned at the end, as Redis frees such a client: False, close now.
+
+        A blocking command is where closing at once would differ from Redis: one that did not block
+        (BLPOP on a list with an item) has taken the item, and Redis writes it to the client before
+        it sees the end; one that blocked is dropped then, taking nothing. So the end is passed on:
+        the upstream connection is half-closed once everything the client sent is written, Redis
+        answers what it owes and closes, and so does the proxy. Without a way to half-close it
+        (TLS, a shared connection), the blocked command is abandoned as before."""
         if self.parked:
             return False
         if not self.waiting and all(type(e) is not tuple and e.kind == INTERNAL for e in self.pending):
             return False  # nothing is owed to the client (only the proxy's own commands are in flight)
+        blocking = False
         for e in self.pending:
             if not (e[3] if type(e) is tuple else (e.timed or e.kind != UPSTREAM)):
-                return False
+                if type(e) is tuple or e.name not in BLOCKING_NAMES or self.relay_eof is None:
+                    return False
+                blocking = True
         self.closing = True
+        if blocking or any(w[0] and cmdtable.command_name(w[0]) in BLOCKING_NAMES for w in self.waiting):
+            self.relay_due = True
+            self._relay_end()
         self._maybe_close()
         return not self.closed
+
+    def _relay_end(self) -> None:
+        """Half-close the upstream connection (see client_eof), once nothing of the client's waits
+        and a blocking command is in flight there."""
+        if (
+            not self.relay_due or self.waiting or not self.connected or self.relay_eof is None
+            or not any(type(e) is not tuple and e.kind == UPSTREAM and e.name in BLOCKING_NAMES for e in self.pending)
+        ):
+            return
+        relay, self.relay_eof = self.relay_eof, None
+        self.relay_due = False
+        self.relayed_at = self.clock()
+        self._send_upstream = None  # (nothing may be written after the end)
+        relay()
 
     def client_closed(self) -> None:
         """The client went away: its upstream connection is closed at once, unless the policy has
@@ -708,6 +740,8 @@ class Session:
             self.waiting_bytes = 0
         if not self.connected and self.authed:
             self._want_upstream()
+        if self.relay_due:
+            self._relay_end()
         self._maybe_close()
         if self.wake is not None:
             self.wake()
@@ -1344,6 +1378,10 @@ class Session:
         one longer than its own timeout plus that margin."""
         if not self.connected or not self.pending:
             return False
+        if self.relayed_at is not None:
+            # the client's end was passed on, and the server has not closed in turn (one that does
+            # not take a half-close, or a proxy in between): it is not waited for longer
+            return now - self.relayed_at > timeout
         h = self.pending[0]
         if type(h) is tuple:
             since = h[2]

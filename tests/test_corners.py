@@ -87,6 +87,62 @@ def test_a_half_closed_blocked_client_is_let_go(redis_factory, proxy_factory) ->
     support.eventually(lambda: server.client().info("clients")["blocked_clients"] == 0)
 
 
+BUSY = "local i = 0 while i < 1000000 do i = i + 1 end return 1"  # (some milliseconds of server time)
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+def test_a_blocking_pop_that_did_not_block_delivers_its_item_to_a_half_closed_client(
+        redis_factory, proxy_factory, pool) -> None:
+    """BLPOP on a list with an item, then shutdown(SHUT_WR) at once: Redis pops the item and writes
+    it before it sees the end. Closing the upstream at the client's end would lose the item (popped,
+    never delivered: a script that keeps the server busy a moment before makes sure the end
+    reaches the proxy first); the proxy passes the end on instead, and the item arrives. On the
+    pool the BLPOP still waits for its own connection when the end comes: the end follows it."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--upstream-pool", str(pool)], log_level="info")
+    obs = server.client()
+    got = {}
+    for name, port in (("direct", server.port), ("proxy", proxy.port)):
+        for i in range(10):
+            obs.rpush("jobs", f"job{i}")
+        out = []
+        for i in range(10):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(encode_resp("EVAL", BUSY, "0") + encode_resp("BLPOP", "jobs", "0"))
+            sock.shutdown(socket.SHUT_WR)
+            out.append(_read_all(sock))
+            sock.close()
+        got[name] = out
+        assert obs.llen("jobs") == 0
+    assert got["direct"] == [b":1\r\n*2\r\n$4\r\njobs\r\n$4\r\njob%d\r\n" % i for i in range(10)]
+    assert got["proxy"] == got["direct"]
+    outcomes = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome"))
+    assert outcomes.get(("blpop", "ok")) == 10, outcomes
+    support.eventually(lambda: proxy.metric_sum("respmeter_client_connections", by=()).get((), 0) == 0)
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+def test_a_blocking_pop_that_blocked_at_the_end_takes_nothing(redis_factory, proxy_factory, pool) -> None:
+    """BLPOP on an empty list, then the end: Redis drops the blocked command, and an item pushed
+    later stays in the list. Through the proxy too, and the client is let go at once (a BLPOP
+    left blocked upstream would take the next item for a client that is gone)."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--upstream-pool", str(pool)], log_level="info")
+    obs = server.client()
+    sock = socket.create_connection((proxy.host, proxy.port))
+    sock.sendall(encode_resp("GET", "k") + encode_resp("BLPOP", "empty", "0"))
+    sock.shutdown(socket.SHUT_WR)
+    t0 = time.monotonic()
+    assert _read_all(sock) == b"$-1\r\n"
+    assert time.monotonic() - t0 < 3
+    sock.close()
+    support.eventually(lambda: obs.info("clients")["blocked_clients"] == 0)
+    obs.rpush("empty", "item")
+    time.sleep(0.2)
+    assert obs.lrange("empty", 0, -1) == [b"item"]
+    support.eventually(lambda: proxy.metric_sum("respmeter_client_connections", by=()).get((), 0) == 0)
+
+
 def _exhaust(proxy, cap: int) -> None:  # noqa: ANN001
     import redis
 
