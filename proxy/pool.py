@@ -335,6 +335,7 @@ class SharedUpstream(asyncio.Protocol):
         self.last_data = time.monotonic()
         routes = self.routes
         framer = self.framer
+        mid = framer.in_frame  # (this read begins inside a reply: its first byte starts nothing)
         frames = framer.feed(data)
         start = i = 0
         if framer.plain:
@@ -409,7 +410,7 @@ class SharedUpstream(asyncio.Protocol):
                     fn()
                 head = routes[0] if routes else None
         if start < len(data):  # the start of a reply: its session's own framer carries on with it
-            if self.in_push or (prev < len(data) and data[prev] == 0x3E):
+            if self.in_push or ((prev or not mid) and prev < len(data) and data[prev] == 0x3E):
                 # ('>': a push cut across reads, from prev on: it is dropped whole, to its end)
                 if head is not None and head[0] is not None and prev > start:
                     self._deliver(head[0], data[start:prev])  # (replies before it)
