@@ -24,6 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <string.h>
 
 #define MAX_INLINE (64 * 1024)  /* PROTO_INLINE_MAX_SIZE */
@@ -774,8 +775,14 @@ static PyObject *Hist_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         Py_DECREF(h);
         return NULL;
     }
-    for (Py_ssize_t i = 0; i <= nb; i++)
-        PyList_SET_ITEM(h->counts, i, PyLong_FromLong(0));
+    for (Py_ssize_t i = 0; i <= nb; i++) {
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL) {
+            Py_DECREF(h);
+            return NULL;
+        }
+        PyList_SET_ITEM(h->counts, i, zero);
+    }
     h->bounds = Py_NewRef(bounds);
     h->total = 0.0;
     h->n = 0;
@@ -788,19 +795,31 @@ static void Hist_dealloc(Hist *h) {
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
-/* observe(seconds, n): counts[bisect_left(bounds, seconds)] += n; total += seconds * n; n += n */
+/* observe(seconds, n=1): counts[bisect_left(bounds, seconds)] += n; total += seconds * n; n += n.
+ * (counts is a list Python code can reach: its size is checked, and the item held across the
+ * addition, which may run Python code) */
 static PyObject *Hist_observe(Hist *h, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "observe(seconds, n)");
+    if (nargs != 1 && nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "observe(seconds, n=1)");
         return NULL;
     }
     double x = PyFloat_AsDouble(args[0]);
     if (x == -1.0 && PyErr_Occurred())
         return NULL;
-    PyObject *nobj = args[1];
-    long long k = PyLong_AsLongLong(nobj);
-    if (k == -1 && PyErr_Occurred())
+    PyObject *one = NULL;
+    PyObject *nobj = nargs == 2 ? args[1] : (one = PyLong_FromLong(1));
+    if (nobj == NULL)
         return NULL;
+    long long k = PyLong_AsLongLong(nobj);
+    if (k == -1 && PyErr_Occurred()) {
+        Py_XDECREF(one);
+        return NULL;
+    }
+    if ((k > 0 && h->n > LLONG_MAX - k) || (k < 0 && h->n < LLONG_MIN - k)) {
+        Py_XDECREF(one);
+        PyErr_SetString(PyExc_OverflowError, "Histogram sample count out of range");
+        return NULL;
+    }
     Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(h->bounds);
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
@@ -809,12 +828,24 @@ static PyObject *Hist_observe(Hist *h, PyObject *const *args, Py_ssize_t nargs) 
         else
             hi = mid;
     }
-    PyObject *old = PyList_GET_ITEM(h->counts, lo);
+    if (lo >= PyList_GET_SIZE(h->counts)) {
+        Py_XDECREF(one);
+        PyErr_SetString(PyExc_RuntimeError, "Histogram counts lost their buckets");
+        return NULL;
+    }
+    PyObject *old = Py_NewRef(PyList_GET_ITEM(h->counts, lo));
     PyObject *sum = PyNumber_Add(old, nobj);
+    Py_DECREF(old);
+    Py_XDECREF(one);
     if (sum == NULL)
         return NULL;
-    PyList_SET_ITEM(h->counts, lo, sum);
-    Py_DECREF(old);
+    if (lo >= PyList_GET_SIZE(h->counts)) {
+        Py_DECREF(sum);
+        PyErr_SetString(PyExc_RuntimeError, "Histogram counts lost their buckets");
+        return NULL;
+    }
+    if (PyList_SetItem(h->counts, lo, sum) < 0) /* (steals sum, releases the item it replaces) */
+        return NULL;
     h->total += x * (double)k;
     h->n += k;
     Py_RETURN_NONE;
@@ -822,7 +853,7 @@ static PyObject *Hist_observe(Hist *h, PyObject *const *args, Py_ssize_t nargs) 
 
 static PyMethodDef Hist_methods[] = {
     {"observe", (PyCFunction)(void (*)(void))Hist_observe, METH_FASTCALL,
-     "observe(seconds, n): one more sample (n of them) of this many seconds"},
+     "observe(seconds, n=1): one more sample (n of them) of this many seconds"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -349,3 +349,30 @@ def test_histogram_is_the_c_one() -> None:
     assert (stats.latency["get"].n, list(stats.latency["get"].counts)[3]) == (2, 2)
     with pytest.raises(TypeError):
         resp._speedups.Histogram((1, 2.0))  # bounds are floats
+
+
+def test_c_histogram_survives_python_code_that_changes_its_buckets():
+    """counts is a list Python code can reach (and an addition may run Python code): a histogram
+    whose list lost its buckets says so, it does not read past the list's end."""
+    from proxy.metrics import LATENCY_BUCKETS
+
+    hist = resp._speedups.Histogram
+    h = hist(LATENCY_BUCKETS)
+    h.counts.clear()
+    with pytest.raises(RuntimeError):
+        h.observe(1.0, 1)
+
+    class Clears(int):
+        def __radd__(self, other):
+            h2.counts.clear()
+            return 5
+
+    h2 = hist(LATENCY_BUCKETS)
+    with pytest.raises(RuntimeError):
+        h2.observe(1.0, Clears(1))
+    h3 = hist(LATENCY_BUCKETS)
+    h3.observe(0.001)  # (n defaults to 1, as in the Python Histogram)
+    assert (h3.n, sum(h3.counts)) == (1, 1)
+    h3.n = 2**63 - 1
+    with pytest.raises(OverflowError):
+        h3.observe(0.001, 1)
