@@ -131,6 +131,7 @@ class Session:
         self.in_multi = False
         self.tx_queued: list[tuple[str, str]] = []
         self.tx_name: bytes | None = None  # a CLIENT SETNAME queued in MULTI: applied by EXEC
+        self.tx_reply: bytes | None = None  # the last CLIENT REPLY mode queued in MULTI: EXEC applies it
         self.subs = Subscriptions(self)  # pub/sub state, from the server's confirmations
         self.monitor = False
         # client-side view at send time (what the next command will be sent under)
@@ -782,11 +783,11 @@ class Session:
             if kind == Admission.REPLY:
                 if outcome:  # (empty: the policy counted it, proxy.savers)
                     self.stats.count_command(client, name, outcome)
-                if not self.reply_off or name == "reset":
+                if not self.reply_off or self.multi_view or name == "reset":
                     # (CLIENT REPLY OFF: no reply at all, errors included, as on Redis; RESET turns
-                    # replies back on, and is answered. After CLIENT REPLY SKIP the proxy's reply
-                    # takes the place of the next one: the server, which did not see this command,
-                    # skips its reply to the next one it sees)
+                    # replies back on, and is answered; inside MULTI a CLIENT REPLY OFF is only
+                    # queued. After CLIENT REPLY SKIP the proxy's reply takes the place of the next
+                    # one: the server, which did not see this command, skips the next it sees)
                     self._answer(payload, name, client)
                 if self.close_after_reply:
                     self.closing = True
@@ -862,6 +863,12 @@ class Session:
             self.multi_view = False
             if name == "reset":
                 self.reply_off = self.reply_skip = False
+            elif name == "exec" and self.tx_reply is not None:
+                # a CLIENT REPLY queued in the transaction acts when EXEC runs it: what follows EXEC
+                # is looked at (and its replies expected) before EXEC's reply comes, so from here
+                # (a transaction WATCH aborts would not have run it: not told apart)
+                self._reply_mode(self.tx_reply)
+            self.tx_reply = None
         elif name == "client|setname" and len(args) == 3 and _valid_name(args[2]):
             self._rename(e, args[2])
         elif name == "hello":
@@ -872,16 +879,23 @@ class Session:
             self.quitting = True  # what the client sends after it is neither forwarded nor counted
         elif name == "client|reply" and len(args) >= 3:
             mode = args[2].lower()
-            if mode == b"off":
-                self.reply_off = True
-                e.expect = 0
-            elif mode == b"skip":
-                if not self.reply_off:
-                    self.reply_skip = True
-                e.expect = 0
-            elif mode == b"on":
-                self.reply_off = self.reply_skip = False
-                e.expect = 1
+            if self.multi_view:
+                self.tx_reply = mode  # (only queued: answered QUEUED, acts at EXEC)
+                return
+            e.expect = self._reply_mode(mode)
+
+    def _reply_mode(self, mode: bytes) -> int:
+        """CLIENT REPLY ``mode`` takes effect: how many replies the command itself gets."""
+        if mode == b"off":
+            self.reply_off = True
+            return 0
+        if mode == b"skip":
+            if not self.reply_off:
+                self.reply_skip = True
+            return 0
+        if mode == b"on":
+            self.reply_off = self.reply_skip = False
+        return 1
 
     def _rename(self, e: Pending, name: bytes) -> None:
         if self.multi_view:
@@ -1050,6 +1064,10 @@ class Session:
                 run_timed = False
                 for fr in frames[i:] if i else frames:
                     k = fr[1]
+                    if pending and type(pending[0]) is Pending and pending[0].expect == 0:
+                        # (CLIENT REPLY OFF/SKIP, and what it silenced: no reply of theirs is in
+                        # this read; the next frame is the next command's)
+                        self._drain_head(None, now)
                     if k <= KIND_ERROR and pending and type(pending[0]) is tuple:
                         if k:
                             errors = True

@@ -233,7 +233,7 @@ def test_runs_of_denied_commands_never_take_the_fast_path(hot_path: str) -> None
 
 def test_nothing_denied_keeps_the_fast_path() -> None:
     p = Play(CommandPolicy([]))
-    # (only what the proxy never forwards, whatever the policy: proxy.gate.REFUSED_NAMES)
+    # (only what the proxy never forwards as sent, whatever the policy: proxy.handshake.REWRITTEN_NAMES)
     assert p.gate.commands is None and p.gate.slow_names == frozenset({"client|maint_notifications"})
     assert p.gate.fast_admit(p.s, 1)
     assert p.send([b"CONFIG", b"GET", b"x"]) == enc([b"CONFIG", b"GET", b"x"])
@@ -511,3 +511,13 @@ def test_a_denied_command_under_client_reply_off_gets_no_reply(hot_path: str) ->
     assert b"".join(p.to_client) == b""  # (not the refusal, even before the server's replies come)
     assert p.reply(b"+OK\r\n$1\r\n1\r\n") == b"+OK\r\n$1\r\n1\r\n"  # only ON's and GET's replies
     assert rejections(p) == {"denied": 1}
+
+
+def test_a_denied_command_queued_after_client_reply_off_in_multi_is_answered(hot_path: str) -> None:
+    """Inside MULTI, CLIENT REPLY OFF is only queued (it acts when EXEC runs it): a command denied
+    after it is still answered, as every queued command is."""
+    p = Play()
+    up = p.send([b"MULTI"], [b"CLIENT", b"REPLY", b"OFF"], [b"CONFIG", b"GET", b"x"])
+    assert up == enc([b"MULTI"], [b"CLIENT", b"REPLY", b"OFF"])
+    got = p.reply(b"+OK\r\n+QUEUED\r\n")
+    assert got.startswith(b"+OK\r\n+QUEUED\r\n-NOPERM") and b"disabled by the proxy" in got, got

@@ -224,3 +224,23 @@ def test_a_celery_worker_started_at_an_exhausted_cap_waits_quietly(redis_factory
     assert time.monotonic() - t0 < 8
     delta = support.commandstats_delta(before, support.commandstats(direct))
     assert set(delta) <= {"info"}, delta  # nothing billed (the test's own INFO reads only)
+
+
+def test_client_reply_queued_in_a_transaction_acts_only_when_it_runs(redis_factory, proxy_factory) -> None:
+    """CLIENT REPLY OFF inside MULTI is only queued (+QUEUED): DISCARD leaves replies on. The proxy
+    once took it to act at once, and every reply after it was one command late."""
+    server = redis_factory()
+    proxy = proxy_factory(server, [])
+    script = b"".join(encode_resp(*c) for c in [
+        ("MULTI",), ("CLIENT", "REPLY", "OFF"), ("SET", "k", "v"), ("DISCARD",), ("PING", "a"),
+        ("CLIENT", "REPLY", "OFF"), ("PING", "b"), ("CLIENT", "REPLY", "ON"), ("GET", "k"),
+    ])
+    got = {}
+    for name, port in (("direct", server.port), ("proxy", proxy.port)):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(script)
+        sock.shutdown(socket.SHUT_WR)
+        got[name] = _read_all(sock)
+        sock.close()
+    assert got["direct"] == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+OK\r\n$1\r\na\r\n+OK\r\n$-1\r\n"
+    assert got["proxy"] == got["direct"]

@@ -215,6 +215,33 @@ def test_client_reply_off_skip_on() -> None:
     assert p.commands()[("anonymous", "get", "ok")] == 2
 
 
+def test_replies_around_client_reply_off_in_one_read_pair_with_their_commands() -> None:
+    """A reply before CLIENT REPLY OFF and those after CLIENT REPLY ON, in one read: the silenced
+    entries between are passed over, not paired with the next replies (they were, on the path for
+    reads with nothing special in flight: CLIENT REPLY ON and GET stayed pending, so a half-closed
+    client was never let go, and their counts were missing)."""
+    p = Play()
+    p.send([b"PING", b"a"], [b"CLIENT", b"REPLY", b"OFF"], [b"PING", b"b"], [b"CLIENT", b"REPLY", b"ON"],
+           [b"GET", b"k"])
+    assert p.reply(b"$1\r\na\r\n+OK\r\n$-1\r\n") == b"$1\r\na\r\n+OK\r\n$-1\r\n"
+    assert not p.s.pending
+    assert p.commands() == {("anonymous", "ping", "ok"): 2, ("anonymous", "client|reply", "ok"): 2,
+                            ("anonymous", "get", "ok"): 1}
+
+
+def test_client_reply_queued_in_multi_acts_at_exec() -> None:
+    """Inside MULTI, CLIENT REPLY OFF is queued (+QUEUED) and acts when EXEC runs it; DISCARD
+    leaves replies on."""
+    p = Play()
+    p.send([b"MULTI"], [b"CLIENT", b"REPLY", b"OFF"], [b"DISCARD"], [b"PING"])
+    assert p.reply(b"+OK\r\n+QUEUED\r\n+OK\r\n+PONG\r\n") == b"+OK\r\n+QUEUED\r\n+OK\r\n+PONG\r\n"
+    assert not p.s.pending and not p.s.reply_off
+    p.send([b"MULTI"], [b"CLIENT", b"REPLY", b"OFF"])
+    assert p.s.reply_off is False
+    p.send([b"EXEC"])
+    assert p.s.reply_off is True
+
+
 def test_client_names_become_labels_with_a_cap() -> None:
     p = Play(label_limit=2)
     p.send([b"CLIENT", b"SETNAME", b"worker-1"])
