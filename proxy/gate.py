@@ -29,6 +29,7 @@ from .pool import admit as pool_admit
 from .quotaerrors import UPSTREAM_REFUSED, credentials_refused
 from .resp import encode_command, encode_error
 from .entries import Admission
+from .handshake import REWRITTEN_NAMES, rewrite
 from .session import Session
 
 log = logging.getLogger("respmeter.gate")
@@ -42,21 +43,6 @@ DISCARD = [b"DISCARD"]
 DISCARD_INFO = cmdtable.lookup(DISCARD)
 # not queued inside MULTI: refusing them does not abort the transaction (as on Redis)
 NOT_QUEUED = frozenset({"exec", "discard", "multi", "watch", "quit", "reset"})
-# Answered by the proxy, never forwarded: CLIENT MAINT_NOTIFICATIONS ON asks the server for
-# maintenance pushes, MOVING among them, and a client told that its server moves reconnects to the
-# new address itself, past the proxy (its commands then go uncounted and uncapped). It gets what a
-# server without the feature answers (redis-py's default "auto" mode then carries on without it).
-REFUSED_NAMES = frozenset({"client|maint_notifications"})
-
-
-def refuses(args: list[bytes], name: str) -> bytes | None:
-    """The proxy's own answer to a command it never forwards, or None."""
-    if name == "client|maint_notifications" and len(args) >= 3 and args[2].lower() == b"on":
-        # (Redis 7's reply, with the client's spelling of the subcommand)
-        return b"-ERR unknown subcommand '%s'. Try CLIENT HELP.\r\n" % args[1][:128]
-    return None
-
-
 class Gate:
     def __init__(
         self,
@@ -96,7 +82,7 @@ class Gate:
         # Names the session must hand to ``admit`` one by one, never forward on its fast path (a
         # Session takes them from its policy: proxy.paths.fast_sets).
         self.denied_names: frozenset[str] = commands.slow_names if commands else frozenset()
-        self.slow_names = self.denied_names | REFUSED_NAMES
+        self.slow_names = self.denied_names | REWRITTEN_NAMES
         # proxy.savers.Savers: commands answered by the proxy itself (after authentication and
         # the command policy, before caps: an answer given there costs no budget)
         self.savers = savers if savers is not None and savers.enabled else None
@@ -166,12 +152,6 @@ class Gate:
                 return self._abort_exec(session)
             if name in ("discard", "reset"):
                 session.tx_denied = False
-        if name in REFUSED_NAMES:
-            reply = refuses(args, name)
-            if reply is not None:
-                if session.multi_view:
-                    session.tx_denied = True  # (refused when queued: its EXEC aborts, as on Redis)
-                return Admission.REPLY, reply, "local"
         if session.pool_link is not None and self.pool is not None:
             # on the shared upstream connections (proxy.pool): answered there, or the client
             # leaves them for a connection of its own
@@ -234,15 +214,18 @@ class Gate:
             verdict = self.pool.introspect(session, args, name)  # (the pooled clients are the proxy's to show)
             if verdict is not None:
                 return verdict
+        if name in REWRITTEN_NAMES:
+            new_args = rewrite(args, name)
+            if new_args is not None:
+                return Admission.REPLACE, encode_command(new_args), ""
         return FORWARD
 
     def deny_reply(self, args: list[bytes], name: str) -> bytes | None:
         """The reply to a denied command, or None: for a session that cannot place the reply in
         order (MONITOR mode) and refuses the command its own way."""
-        if name in REFUSED_NAMES:
-            reply = refuses(args, name)
-            if reply is not None:
-                return reply
+        if name in REWRITTEN_NAMES and rewrite(args, name) is not None:
+            # (MONITOR mode passes bytes through as they are: this one cannot go)
+            return b"-ERR respmeter: CLIENT MAINT_NOTIFICATIONS ON is not relayed\r\n"
         return self.commands.check(args, name) if self.commands is not None else None
 
     def _abort_exec(self, session: Session) -> tuple[int, Any, str]:

@@ -22,6 +22,23 @@ RECORDED = frozenset({"hello", "client|setinfo", "client|maint_notifications"})
 MAX_RECORDED = 64  # distinct CLIENT SETINFO/MAINT_NOTIFICATIONS argument lists kept
 
 OK = b"+OK\r\n"
+
+# Never forwarded as sent: CLIENT MAINT_NOTIFICATIONS ON asks the server for maintenance pushes,
+# MOVING among them, and a client told that its server moves reconnects to the new address itself,
+# past the proxy (its commands then go uncounted and uncapped). It goes as OFF, spelled as the client
+# spelled it: a server without the feature refuses it exactly as it would have refused ON (Redis 7:
+# "unknown subcommand 'MAINT_NOTIFICATIONS'"), and one with it says OK and sends nothing. Being the
+# server's own reply, it is right inside MULTI and under CLIENT REPLY OFF/SKIP, and billed as sent.
+REWRITTEN_NAMES = frozenset({"client|maint_notifications"})
+
+
+def rewrite(args: list[bytes], name: str) -> list[bytes] | None:
+    """What goes upstream instead of this command, or None: it goes as sent."""
+    if name == "client|maint_notifications" and len(args) >= 3 and args[2].lower() == b"on":
+        return [args[0], args[1], b"OFF"]
+    return None
+
+
 _ID = re.compile(rb"(\$2\r\nid\r\n:)(-?[0-9]+)(\r\n)")
 # When no HELLO reply has been seen since the proxy started: the fields every server sends
 _HELLO_FIELDS = (

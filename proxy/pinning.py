@@ -75,8 +75,8 @@ SHARED: dict[str, str] = {
     "client|setinfo": "answered by the proxy (proxy.handshake)",
     # (not answered locally yet: the pool must answer it from the name the session keeps)
     "client|getname": "to be answered by the proxy from the session's name (Session.set_name)",
-    # (ON is refused by the proxy for every client, proxy.gate.REFUSED_NAMES; OFF changes nothing)
-    "client|maint_notifications": "ON refused by the proxy (proxy.gate); every redis-py 8 client sends it",
+    # (answered from the server's reply to OFF, which is what ON goes as: proxy.handshake.rewrite)
+    "client|maint_notifications": "answered by the proxy (proxy.pool); every redis-py 8 client sends it",
     "client|help": "stateless",
     "client|pause": "server-wide: pauses all clients, whichever connection asks",
     "client|unpause": "server-wide",

@@ -43,6 +43,7 @@ from typing import Any, Callable
 from . import commands as cmdtable
 from . import poolclients, resp
 from .auth import split_hello
+from .handshake import rewrite
 from .metrics import PROXY_CLIENT
 from .quotaerrors import UPSTREAM_REFUSED, credentials_refused, unsupported
 from .resp import KIND_ERROR, KIND_PUSH, encode_command, encode_error
@@ -57,9 +58,8 @@ PONG = b"+PONG\r\n"
 OK = b"+OK\r\n"
 # what a pooled client may send that the pool answers itself (never on the session's fast path)
 # what each shared connection asks once, to learn whether the server knows these (harmless either way)
-# (not CLIENT MAINT_NOTIFICATIONS: its ON is refused by the proxy, proxy.gate.REFUSED_NAMES, and what
-# else a client sends of it goes to the server and is recorded)
-PROBES = {"client|setinfo": (b"CLIENT", b"SETINFO", b"LIB-NAME", b"respmeter")}
+PROBES = {"client|setinfo": (b"CLIENT", b"SETINFO", b"LIB-NAME", b"respmeter"),
+          "client|maint_notifications": (b"CLIENT", b"MAINT_NOTIFICATIONS", b"OFF")}
 PROBE_NAMES = {v: k for k, v in PROBES.items()}
 ANSWERED = frozenset({"hello", "auth", "quit", "ping", "select", "client|setname", "client|setinfo",
                       "client|getname", "client|maint_notifications"})
@@ -233,9 +233,9 @@ class SharedUpstream(asyncio.Protocol):
         # pooled clients' HELLO is answered from)
         cmds = list(pool.upstream_auth.commands()) if pool.upstream_auth is not None else []
         cmds.append([b"HELLO", b"%d" % self.proto])
-        # (does the server know CLIENT SETINFO? Pooled clients' are answered as it would: OK, or its
-        # own error)
-        cmds.append(list(PROBES["client|setinfo"]))
+        # (does the server know CLIENT SETINFO and MAINT_NOTIFICATIONS? Pooled clients' are answered
+        # as it would: OK, or its own error)
+        cmds += [list(PROBES["client|setinfo"]), list(PROBES["client|maint_notifications"])]
         if pool.limits is not None and not pool.limits.take(PROXY_CLIENT, len(cmds)):
             # a cap is reached: this connection's own handshake would pass it. It closes having
             # sent nothing, and the clients waiting for it go on as without a pool (a connection
@@ -820,6 +820,8 @@ class UpstreamPool:
                 return "reply", err.replace(b"'" + probe + b"'", b"'" + args[1][:128] + b"'")
             if name == "client|setinfo" and _setinfo_ok(args):
                 return "reply", OK
+            if rewrite(args, name) is not None:
+                return "reply", OK  # (ON goes as OFF, proxy.gate.rewrite: what OFF got)
             return None  # (a value it may refuse, or a mode it may take: the server answers)
         if name == "client|setname":
             reply = self.book.answer(session, args, name)

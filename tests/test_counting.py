@@ -260,10 +260,9 @@ def test_commands_the_upstream_does_not_know_keep_their_table_name(redis_factory
 
 def test_redis_py_handshake_the_server_refuses_is_billed_as_errors(redis_factory, proxy_factory):
     """redis-py 8 connects with HELLO 3, CLIENT MAINT_NOTIFICATIONS and CLIENT SETINFO x2. Redis 7.0
-    refuses the CLIENT SETINFO (unknown subcommand) and leaves them out of commandstats, but a hosted
+    refuses the last three (unknown subcommands) and leaves them out of commandstats, but a hosted
     service bills them: the proxy forwards them, counts them under their table names with outcome
-    error, and counts them as sent upstream. CLIENT MAINT_NOTIFICATIONS ON is the proxy's own
-    refusal (outcome local), never sent: see test_maint_notifications.py."""
+    error, and counts them as sent upstream."""
     import redis
 
     server = redis_factory()
@@ -281,7 +280,7 @@ def test_redis_py_handshake_the_server_refuses_is_billed_as_errors(redis_factory
     hs = "local" if POOLED else None  # (the pool answers the handshake as the server would)
     assert _counts(proxy, by=("command", "outcome")) == {
         ("hello", hs or "ok"): 1,
-        ("client|maint_notifications", "local"): 1,
+        ("client|maint_notifications", hs or "error"): 1,
         ("client|setinfo", hs or setinfo): 2,
         ("set", "ok"): 1,
         ("get", "ok"): 1,
@@ -289,12 +288,13 @@ def test_redis_py_handshake_the_server_refuses_is_billed_as_errors(redis_factory
     mine = {k: v for k, v in _counts(proxy, "respmeter_upstream_commands_total", by=("client", "command")).items()
             if k[0] != "respmeter"}
     up = {cmd: n for (_c, cmd), n in mine.items()}
-    assert up == ({"set": 1, "get": 1} if POOLED else {"hello": 1, "client|setinfo": 2, "set": 1, "get": 1})
+    assert up == ({"set": 1, "get": 1} if POOLED else
+                  {"hello": 1, "client|maint_notifications": 1, "client|setinfo": 2, "set": 1, "get": 1})
     # the server itself answered the errors: the proxy forwarded the commands (or, on the pool,
     # each shared connection's probes)
     err_after = _errorstats(obs)
     probes = _own(proxy)
-    refused = ((0 if server_has_setinfo else 2) if not POOLED
+    refused = (1 + (0 if server_has_setinfo else 2) if not POOLED
                else probes.get("client|maint_notifications", 0) + (0 if server_has_setinfo else probes.get("client|setinfo", 0)))
     assert err_after.get("ERR", 0) - err_before.get("ERR", 0) == refused
     delta = commandstats_delta(before, commandstats(obs))
@@ -305,7 +305,8 @@ def test_redis_py_handshake_the_server_refuses_is_billed_as_errors(redis_factory
     if POOLED:
         assert left_out == {cmd: n for cmd, n in probes.items() if cmd not in known}
     else:
-        assert left_out == ({} if server_has_setinfo else {"client|setinfo": 2})
+        assert left_out == ({"client|maint_notifications": 1} if server_has_setinfo
+                            else {"client|maint_notifications": 1, "client|setinfo": 2})
 
 
 def test_assert_counts_match_only_leaves_out_what_the_server_does_not_know():

@@ -1,10 +1,10 @@
-"""CLIENT MAINT_NOTIFICATIONS ON is answered by the proxy and never forwarded.
+"""CLIENT MAINT_NOTIFICATIONS ON goes upstream as OFF.
 
-redis-py 8 sends it on every RESP3 connection (maintenance notifications "auto"). A server that knows
+redis-py 8 sends ON on every RESP3 connection (maintenance notifications "auto"). A server that knows
 it (Redis Software, Redis Cloud) then pushes MOVING when the database moves, and redis-py reconnects
 to the address in the push by itself: past the proxy, where its commands are neither counted nor
-capped. The proxy answers as a server without the feature does (Redis 7's own error), so a client in
-"auto" mode carries on through the proxy, and the server never hears of it.
+capped. As OFF, a server without the feature refuses it exactly as it refuses ON, and one with it
+says OK and pushes nothing.
 
 ``MaintServer`` is such a server: it knows the command, and a connection that turns the
 notifications on gets a MOVING push to another loopback address before its next reply.
@@ -128,47 +128,39 @@ def test_the_server_would_move_a_direct_client_past_anything_in_between(maint_se
 @pytest.mark.parametrize("pool", [0, 2])
 def test_a_redis_py_client_stays_on_the_proxy(maint_server, proxy_factory, pool):
     redis = pytest.importorskip("redis")
+    from redis.maint_notifications import MaintNotificationsConfig
+
     proxy = proxy_factory(f"redis://127.0.0.1:{maint_server.port}", ["--upstream-pool", str(pool)])
     clients = [redis.Redis(host=proxy.host, port=proxy.port, protocol=3, socket_timeout=5) for _ in range(3)]
+    # (one that requires them: told OK, and so it connects, and it is never moved either)
+    clients.append(redis.Redis(host=proxy.host, port=proxy.port, protocol=3, socket_timeout=5,
+                               maint_notifications_config=MaintNotificationsConfig(enabled=True)))
     for i, c in enumerate(clients):
         for j in range(5):
             assert c.set(f"k{i}", str(j)) is True
             assert c.get(f"k{i}") == str(j).encode()
         assert c.connection_pool.connection_kwargs["host"] == proxy.host
-    assert maint_server.turned_on() == 0  # never forwarded: the server had nothing to push
+    assert maint_server.turned_on() == 0  # the server had nothing to push
     outcomes = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome"))
-    assert outcomes.get(("client|maint_notifications", "local")) == 3, outcomes
-    assert not [k for k in outcomes if k[0] == "client|maint_notifications" and k[1] != "local"], outcomes
+    # (its OK to OFF: from the server on a connection of the client's own, from the pool's probe)
+    assert outcomes.get(("client|maint_notifications", "local" if pool else "ok")) == 4, outcomes
     upstream = proxy.metric_sum("respmeter_upstream_commands_total", by=("client", "command"))
-    assert not [k for k in upstream if k[1] == "client|maint_notifications" and k[0] != "respmeter"], upstream
+    mine = sum(n for (c, cmd), n in upstream.items() if cmd == "client|maint_notifications" and c != "respmeter")
+    assert mine == (0 if pool else 4), upstream  # (billed as sent, on a connection of its own)
     for c in clients:
         c.close()
 
 
-def test_a_client_that_requires_the_notifications_is_told_at_connect(maint_server, proxy_factory):
-    """enabled=True makes redis-py refuse a connection without them: through the proxy it gets the
-    server-without-the-feature error, the proxy cannot relay a move."""
-    redis = pytest.importorskip("redis")
-    from redis.maint_notifications import MaintNotificationsConfig
-
-    proxy = proxy_factory(f"redis://127.0.0.1:{maint_server.port}")
-    c = redis.Redis(host=proxy.host, port=proxy.port, protocol=3, socket_timeout=5,
-                    maint_notifications_config=MaintNotificationsConfig(enabled=True))
-    with pytest.raises(redis.ResponseError, match="MAINT_NOTIFICATIONS"):
-        c.ping()
-    assert maint_server.turned_on() == 0
-    c.close()
-
-
 def test_the_proxy_answers_as_redis_7_does(redis_factory, proxy_factory):
-    """Byte for byte what Redis 7 (which does not know the command) answers, in a transaction (the
-    refusal while queueing aborts EXEC) and under CLIENT REPLY OFF (no reply at all); OFF still
-    goes to the server."""
+    """Byte for byte what Redis 7 (which does not know the command) answers: on its own, in a
+    transaction (refused while queueing, it aborts EXEC), after CLIENT REPLY SKIP and under CLIENT
+    REPLY OFF (no reply at all); and it is billed as the error it is."""
     server = redis_factory()
     proxy = proxy_factory(server)
     script = b"".join(encode_resp(*c) for c in [
         ("CLIENT", "maint_notifications", "on", "moving-endpoint-type", "internal-ip"),
         ("MULTI",), ON, ("SET", "k", "v"), ("EXEC",),
+        ("CLIENT", "REPLY", "SKIP"), ON, ("PING",),
         ("CLIENT", "REPLY", "OFF"), ON, ("PING",), ("CLIENT", "REPLY", "ON"),
         ("CLIENT", "MAINT_NOTIFICATIONS", "OFF"), ("GET", "k"),
     ])
@@ -176,12 +168,14 @@ def test_the_proxy_answers_as_redis_7_does(redis_factory, proxy_factory):
     for host, port in ((server.host, server.port), (proxy.host, proxy.port)):
         s = RespSocket(host, port)
         s.send(script)
-        replies.append([s.read() for _ in range(8)])
+        replies.append([s.read() for _ in range(9)])
     direct, proxied = replies
     assert direct[0] == RespError("ERR unknown subcommand 'maint_notifications'. Try CLIENT HELP.")
     assert proxied == direct
-    assert proxied[4].startswith("EXECABORT") and proxied[5] == b"OK" and proxied[7] is None
+    assert proxied[4].startswith("EXECABORT") and proxied[5] == b"PONG" and proxied[6] == b"OK"
     assert server.client().get("k") is None  # the aborted transaction did not run
     outcomes = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome"))
-    assert outcomes.get(("client|maint_notifications", "local")) == 3, outcomes
-    assert outcomes.get(("client|maint_notifications", "error")) == 1, outcomes  # OFF: the server's
+    # (the two under CLIENT REPLY SKIP / OFF have no reply to tell an error by: ok, as any command)
+    assert {o: n for (c, o), n in outcomes.items() if c == "client|maint_notifications"} == {"error": 3, "ok": 2}
+    upstream = proxy.metric_sum("respmeter_upstream_commands_total", by=("command",))
+    assert upstream.get("client|maint_notifications") == 5, upstream
