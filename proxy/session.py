@@ -684,7 +684,8 @@ class Session:
             if not args and len(entry) == 3:  # refused while waiting (rate-limit queue full)
                 waiting.popleft()
                 self.stats.count_command(self.client, entry[2], "rejected:rate_limit_queue_full")
-                self._answer(raw, entry[2], self.client)
+                if not self.reply_off or self.multi_view:  # (as in _route)
+                    self._answer(raw, entry[2], self.client)
                 continue
             if not args:  # a queued protocol error: answer it, then close
                 waiting.popleft()

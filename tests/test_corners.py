@@ -244,3 +244,25 @@ def test_client_reply_queued_in_a_transaction_acts_only_when_it_runs(redis_facto
         sock.close()
     assert got["direct"] == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+OK\r\n$1\r\na\r\n+OK\r\n$-1\r\n"
     assert got["proxy"] == got["direct"]
+
+
+def test_rate_limit_refusals_under_client_reply_off_are_silent(redis_factory, proxy_factory) -> None:
+    """CLIENT REPLY OFF: no reply at all, the proxy's refusals included (here a rate limit's full
+    queue); the client reads only what follows CLIENT REPLY ON, as from Redis."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--rate-limit", "name=r,rate=2/s,burst=1,command=get,action=delay,max_queue=1"])
+    first = b"".join(encode_resp(*c) for c in [("CLIENT", "REPLY", "OFF"), *[("GET", f"k{i}") for i in range(3)]])
+    then = encode_resp("CLIENT", "REPLY", "ON") + encode_resp("PING")
+    got = {}
+    for name, port in (("direct", server.port), ("proxy", proxy.port)):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(first)
+        time.sleep(1.5)  # (the held GET has gone by then)
+        sock.sendall(then)
+        sock.shutdown(socket.SHUT_WR)
+        got[name] = _read_all(sock)
+        sock.close()
+    assert got["direct"] == b"+OK\r\n+PONG\r\n"
+    assert got["proxy"] == got["direct"]
+    rejected = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome")).get(("get", "rejected"))
+    assert rejected == 1, rejected  # (counted all the same)
