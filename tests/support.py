@@ -1239,6 +1239,42 @@ def encode_resp(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+class LoopbackServer:
+    """A stand-in server on a free loopback port: each connection is handed to :meth:`talk` in a
+    thread of its own (with its number, from 1). Subclasses say what it answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn, len(self.conns)), daemon=True).start()
+
+    def _talk(self, conn: socket.socket, n: int) -> None:
+        try:
+            self.talk(conn, n)
+        except OSError:
+            pass
+
+    def talk(self, conn: socket.socket, n: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
 class RespSocket:
     """A blocking loopback socket speaking raw RESP2/RESP3, with a full reply parser.
 

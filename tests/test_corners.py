@@ -55,6 +55,22 @@ def test_nothing_after_quit_is_forwarded_or_counted(redis_factory, proxy_factory
     assert direct.get("qq") is None
 
 
+def _half_closed(server, proxy, *parts: bytes, pause: float = 0.0) -> dict[str, bytes]:  # noqa: ANN001
+    """The same writes (``pause`` seconds apart), then shutdown(SHUT_WR), straight to the server and
+    through the proxy: all that each sent back before closing."""
+    got = {}
+    for name, port in (("direct", server.port), ("proxy", proxy.port)):
+        sock = socket.create_connection(("127.0.0.1", port))
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            sock.sendall(part)
+        sock.shutdown(socket.SHUT_WR)
+        got[name] = _read_all(sock)
+        sock.close()
+    return got
+
+
 def test_a_half_closed_client_gets_every_reply(redis_factory, proxy_factory) -> None:
     """Issue 11.10: a pipeline, then shutdown(SHUT_WR): Redis 7 answers all of it; so does the
     proxy, and it counts them as answered."""
@@ -235,13 +251,7 @@ def test_client_reply_queued_in_a_transaction_acts_only_when_it_runs(redis_facto
         ("MULTI",), ("CLIENT", "REPLY", "OFF"), ("SET", "k", "v"), ("DISCARD",), ("PING", "a"),
         ("CLIENT", "REPLY", "OFF"), ("PING", "b"), ("CLIENT", "REPLY", "ON"), ("GET", "k"),
     ])
-    got = {}
-    for name, port in (("direct", server.port), ("proxy", proxy.port)):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(script)
-        sock.shutdown(socket.SHUT_WR)
-        got[name] = _read_all(sock)
-        sock.close()
+    got = _half_closed(server, proxy, script)
     assert got["direct"] == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+OK\r\n$1\r\na\r\n+OK\r\n$-1\r\n"
     assert got["proxy"] == got["direct"]
 
@@ -253,15 +263,7 @@ def test_rate_limit_refusals_under_client_reply_off_are_silent(redis_factory, pr
     proxy = proxy_factory(server, ["--rate-limit", "name=r,rate=2/s,burst=1,command=get,action=delay,max_queue=1"])
     first = b"".join(encode_resp(*c) for c in [("CLIENT", "REPLY", "OFF"), *[("GET", f"k{i}") for i in range(3)]])
     then = encode_resp("CLIENT", "REPLY", "ON") + encode_resp("PING")
-    got = {}
-    for name, port in (("direct", server.port), ("proxy", proxy.port)):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(first)
-        time.sleep(1.5)  # (the held GET has gone by then)
-        sock.sendall(then)
-        sock.shutdown(socket.SHUT_WR)
-        got[name] = _read_all(sock)
-        sock.close()
+    got = _half_closed(server, proxy, first, then, pause=1.5)  # (the held GET has gone by then)
     assert got["direct"] == b"+OK\r\n+PONG\r\n"
     assert got["proxy"] == got["direct"]
     rejected = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome")).get(("get", "rejected"))

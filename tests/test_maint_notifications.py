@@ -18,7 +18,7 @@ import threading
 import hiredis
 import pytest
 
-from support import RespError, RespSocket, encode_resp
+from support import LoopbackServer, RespError, RespSocket, encode_resp
 
 ON = ("CLIENT", "MAINT_NOTIFICATIONS", "ON", "moving-endpoint-type", "internal-ip")
 
@@ -27,83 +27,62 @@ def _bulk(b: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
-class MaintServer:
+class MaintServer(LoopbackServer):
     """A loopback server that knows CLIENT MAINT_NOTIFICATIONS (and what redis-py's handshake, SET,
     GET and PING need). A connection that turns the notifications on gets ``MOVING 1 15
     127.0.0.2:<its port>`` before its next reply."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
+        super().__init__()
         self.moving_to = b"127.0.0.2:%d" % self.port
         self.seen: list[list[bytes]] = []
-        self.conns: list[socket.socket] = []
         self.data: dict[bytes, bytes] = {}
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._talk, args=(conn, len(self.conns)), daemon=True).start()
-
-    def _talk(self, conn: socket.socket, cid: int) -> None:
+    def talk(self, conn: socket.socket, cid: int) -> None:
         reader = hiredis.Reader()
         proto, on, pushed = 2, False, False
-        try:
-            while data := conn.recv(65536):
-                reader.feed(data)
-                out = []
-                while (args := reader.gets()) is not False:
-                    with self.lock:
-                        self.seen.append([a.lower() for a in args[:2]] + list(args[2:]))
-                    if on and not pushed and proto == 3:
-                        out.append(b">4\r\n" + _bulk(b"MOVING") + b":1\r\n:15\r\n" + _bulk(self.moving_to))
-                        pushed = True
-                    name = args[0].lower()
-                    sub = args[1].lower() if len(args) > 1 else b""
-                    if name == b"hello":
-                        proto = int(args[1]) if len(args) > 1 else proto
-                        fields = [(b"server", _bulk(b"redis")), (b"version", _bulk(b"8.2.0")),
-                                  (b"proto", b":%d\r\n" % proto), (b"id", b":%d\r\n" % cid),
-                                  (b"mode", _bulk(b"standalone")), (b"role", _bulk(b"master")),
-                                  (b"modules", b"*0\r\n")]
-                        head = b"%%%d\r\n" % len(fields) if proto == 3 else b"*%d\r\n" % (2 * len(fields))
-                        out.append(head + b"".join(_bulk(k) + v for k, v in fields))
-                    elif name == b"client" and sub == b"maint_notifications":
-                        on = len(args) > 2 and args[2].lower() == b"on"
-                        out.append(b"+OK\r\n")
-                    elif name == b"client" and sub in (b"setinfo", b"setname"):
-                        out.append(b"+OK\r\n")
-                    elif name == b"ping":
-                        out.append(b"+PONG\r\n")
-                    elif name == b"set" and len(args) == 3:
-                        self.data[args[1]] = args[2]
-                        out.append(b"+OK\r\n")
-                    elif name == b"get" and len(args) == 2:
-                        v = self.data.get(args[1])
-                        out.append(_bulk(v) if v is not None else (b"_\r\n" if proto == 3 else b"$-1\r\n"))
-                    else:
-                        out.append(b"-ERR unknown command '%s'\r\n" % args[0][:40])
-                conn.sendall(b"".join(out))
-        except OSError:
-            pass
+        while data := conn.recv(65536):
+            reader.feed(data)
+            out = []
+            while (args := reader.gets()) is not False:
+                with self.lock:
+                    self.seen.append([a.lower() for a in args[:2]] + list(args[2:]))
+                if on and not pushed and proto == 3:
+                    out.append(b">4\r\n" + _bulk(b"MOVING") + b":1\r\n:15\r\n" + _bulk(self.moving_to))
+                    pushed = True
+                name = args[0].lower()
+                sub = args[1].lower() if len(args) > 1 else b""
+                if name == b"hello":
+                    proto = int(args[1]) if len(args) > 1 else proto
+                    fields = [(b"server", _bulk(b"redis")), (b"version", _bulk(b"8.2.0")),
+                              (b"proto", b":%d\r\n" % proto), (b"id", b":%d\r\n" % cid),
+                              (b"mode", _bulk(b"standalone")), (b"role", _bulk(b"master")),
+                              (b"modules", b"*0\r\n")]
+                    head = b"%%%d\r\n" % len(fields) if proto == 3 else b"*%d\r\n" % (2 * len(fields))
+                    out.append(head + b"".join(_bulk(k) + v for k, v in fields))
+                elif name == b"client" and sub == b"maint_notifications":
+                    on = len(args) > 2 and args[2].lower() == b"on"
+                    out.append(b"+OK\r\n")
+                elif name == b"client" and sub in (b"setinfo", b"setname"):
+                    out.append(b"+OK\r\n")
+                elif name == b"ping":
+                    out.append(b"+PONG\r\n")
+                elif name == b"set" and len(args) == 3:
+                    self.data[args[1]] = args[2]
+                    out.append(b"+OK\r\n")
+                elif name == b"get" and len(args) == 2:
+                    v = self.data.get(args[1])
+                    out.append(_bulk(v) if v is not None else (b"_\r\n" if proto == 3 else b"$-1\r\n"))
+                else:
+                    out.append(b"-ERR unknown command '%s'\r\n" % args[0][:40])
+            conn.sendall(b"".join(out))
 
     def turned_on(self) -> int:
         with self.lock:
             return sum(1 for a in self.seen if a[:2] == [b"client", b"maint_notifications"]
                        and len(a) > 2 and a[2].lower() == b"on")
 
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
 
 
 @pytest.fixture

@@ -418,7 +418,7 @@ def test_replies_split_across_reads_reach_each_pooled_client_whole(redis_factory
     assert counted.get("get") == delta["get"] and counted.get("incrby") == delta["incrby"], counted
 
 
-class CuttingServer:
+class CuttingServer(support.LoopbackServer):
     """A loopback server whose GET reply is written in three parts, a moment apart, the second
     beginning where the value has a '>' byte and ending nothing: the proxy reads a part that
     continues a value with the byte that starts a RESP3 push. (HELLO, CLIENT and PING get what the
@@ -426,47 +426,29 @@ class CuttingServer:
 
     def __init__(self, value: bytes, cut: int) -> None:
         self.value, self.cut = value, cut
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
-
-    def _talk(self, conn: socket.socket) -> None:
+    def talk(self, conn: socket.socket, n: int) -> None:
         import hiredis
 
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = hiredis.Reader()
-        try:
-            while data := conn.recv(65536):
-                reader.feed(data)
-                while (args := reader.gets()) is not False:
-                    name = args[0].lower()
-                    if name == b"hello":
-                        conn.sendall(b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:" + args[1] + b"\r\n")
-                    elif name == b"get":
-                        conn.sendall(b"$%d\r\n" % len(self.value) + self.value[:self.cut])
-                        time.sleep(0.05)
-                        conn.sendall(self.value[self.cut:self.cut + 1000])  # (ends nothing)
-                        time.sleep(0.05)
-                        conn.sendall(self.value[self.cut + 1000:] + b"\r\n")
-                    elif name == b"ping":
-                        conn.sendall(b"+PONG\r\n")
-                    else:
-                        conn.sendall(b"+OK\r\n")
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
+        while data := conn.recv(65536):
+            reader.feed(data)
+            while (args := reader.gets()) is not False:
+                name = args[0].lower()
+                if name == b"hello":
+                    conn.sendall(b"%2\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:" + args[1] + b"\r\n")
+                elif name == b"get":
+                    conn.sendall(b"$%d\r\n" % len(self.value) + self.value[:self.cut])
+                    time.sleep(0.05)
+                    conn.sendall(self.value[self.cut:self.cut + 1000])  # (ends nothing)
+                    time.sleep(0.05)
+                    conn.sendall(self.value[self.cut + 1000:] + b"\r\n")
+                elif name == b"ping":
+                    conn.sendall(b"+PONG\r\n")
+                else:
+                    conn.sendall(b"+OK\r\n")
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -475,7 +457,6 @@ def test_a_read_that_begins_inside_a_value_with_a_push_byte(proxy_factory, proto
     byte a RESP3 push starts with) is the value's: it was once taken for a push cut across reads
     and dropped, and the client got a value with a hole (then every reply after it out of place).
     Under load that happened to about one large value in twenty."""
-    import redis
 
     value = bytes(range(256)) * 64
     cut = value.index(b">", 1000)
