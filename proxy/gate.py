@@ -223,9 +223,6 @@ class Gate:
     def deny_reply(self, args: list[bytes], name: str) -> bytes | None:
         """The reply to a denied command, or None: for a session that cannot place the reply in
         order (MONITOR mode) and refuses the command its own way."""
-        if name in REWRITTEN_NAMES and rewrite(args, name) is not None:
-            # (MONITOR mode passes bytes through as they are: this one cannot go)
-            return b"-ERR respmeter: CLIENT MAINT_NOTIFICATIONS ON is not relayed\r\n"
         return self.commands.check(args, name) if self.commands is not None else None
 
     def _abort_exec(self, session: Session) -> tuple[int, Any, str]:

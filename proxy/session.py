@@ -24,7 +24,7 @@ from typing import Any
 
 from . import commands as cmdtable
 from . import resp, streaming
-from .handshake import RECORDED
+from .handshake import RECORDED, REWRITTEN_NAMES, rewrite
 from .metrics import C_HISTOGRAM, LATENCY_BUCKETS, PROXY_CLIENT, Stats
 from .paths import (
     BLOCKING_NAMES,
@@ -65,6 +65,11 @@ PUSH_LIMIT = 32 * 1024 * 1024
 def _valid_name(name: bytes) -> bool:
     """Redis accepts client names of printable ASCII without spaces (or empty, to clear)."""
     return all(33 <= c <= 126 for c in name)
+
+
+def _open_ended(name: str) -> bool:
+    """A command whose reply may never come on its own (it blocks, or it subscribes)."""
+    return name in BLOCKING_NAMES or name in SUBSCRIBE_CMDS
 
 
 class Session:
@@ -438,27 +443,27 @@ class Session:
 
     def client_eof(self) -> bool:
         """The client will send nothing more. Like Redis, which runs what it has read and writes
-        the replies before it sees the end: answer what was sent, then close (True). A subscription
-        is abandoned at the end, as Redis frees such a client: False, close now.
+        the replies before it sees the end: answer what was sent, then close (True).
 
-        A blocking command is where closing at once would differ from Redis: one that did not block
-        (BLPOP on a list with an item) has taken the item, and Redis writes it to the client before
-        it sees the end; one that blocked is dropped then, taking nothing. So the end is passed on:
-        the upstream connection is half-closed once everything the client sent is written, Redis
-        answers what it owes and closes, and so does the proxy. Without a way to half-close it
-        (TLS, a shared connection), the blocked command is abandoned as before."""
+        A blocking command or a subscription in flight is where closing at once would differ from
+        Redis: a BLPOP that did not block (its list had an item) has taken the item, and Redis
+        writes it, and what the commands after it get, before it sees the end; one that blocked is
+        dropped then, taking nothing. So the end is passed on: the upstream connection is
+        half-closed once everything the client sent is written, Redis answers what it owes and
+        closes, and so does the proxy. Without a way to half-close it (TLS, a shared connection),
+        they are abandoned at once, as before (False: close now)."""
         if self.parked:
             return False
         if not self.waiting and all(type(e) is not tuple and e.kind == INTERNAL for e in self.pending):
             return False  # nothing is owed to the client (only the proxy's own commands are in flight)
-        blocking = False
+        open_ended = False
         for e in self.pending:
             if not (e[3] if type(e) is tuple else (e.timed or e.kind != UPSTREAM)):
-                if type(e) is tuple or e.name not in BLOCKING_NAMES or self.relay_eof is None:
+                if type(e) is tuple or self.relay_eof is None:
                     return False
-                blocking = True
+                open_ended = True
         self.closing = True
-        if blocking or any(w[0] and cmdtable.command_name(w[0]) in BLOCKING_NAMES for w in self.waiting):
+        if open_ended or any(w[0] and _open_ended(cmdtable.command_name(w[0])) for w in self.waiting):
             self.relay_due = True
             self._relay_end()
         self._maybe_close()
@@ -466,10 +471,10 @@ class Session:
 
     def _relay_end(self) -> None:
         """Half-close the upstream connection (see client_eof), once nothing of the client's waits
-        and a blocking command is in flight there."""
+        and a command that may wait for ever is in flight there."""
         if (
             not self.relay_due or self.waiting or not self.connected or self.relay_eof is None
-            or not any(type(e) is not tuple and e.kind == UPSTREAM and e.name in BLOCKING_NAMES for e in self.pending)
+            or not any(type(e) is not tuple and e.kind == UPSTREAM and not e.timed for e in self.pending)
         ):
             return
         relay, self.relay_eof = self.relay_eof, None
@@ -813,7 +818,9 @@ class Session:
         silent = self.reply_off or self.reply_skip  # CLIENT REPLY OFF / SKIP: no reply to this one
         blocking = name in BLOCKING_NAMES
         book = self.book
-        capture = book is not None and name in RECORDED and not self.multi_view and book.wants(name, args)
+        # (not under CLIENT REPLY OFF/SKIP: the server sends no reply, and an empty one is no answer)
+        capture = (book is not None and name in RECORDED and not self.multi_view and not silent
+                   and book.wants(name, args))
         if watch is not None:
             capture = True
         if not (silent or self.multi_view or blocking or capture or name in SPECIAL):
@@ -922,18 +929,27 @@ class Session:
     def _passthrough_commands(self, cmds: list[tuple[list[bytes], int, int]], raw: bytes) -> None:
         # MONITOR mode: replies cannot be told from the monitor stream; count and pass bytes through.
         slow = self.slow_names
-        for args, s, _e in cmds:
+        out: list[bytes] = []
+        sent = 0  # raw up to here is in out
+        for args, s, e in cmds:
             name = cmdtable.command_name(args)
             if name in slow and self.policy.deny_reply(args, name) is not None:
                 # its refusal has no place in the monitor stream: what came before it goes, then the
                 # connection closes
-                self._write_upstream(raw[:s])
+                out.append(raw[sent:s])
+                self._write_upstream(b"".join(out))
                 self.stats.count_command(self.client, name, "rejected:denied")
                 self.closing = True
                 return
+            new = rewrite(args, name) if name in REWRITTEN_NAMES else None
+            if new is not None:  # (what never goes as sent: proxy.handshake.rewrite)
+                out.append(raw[sent:s])
+                out.append(encode_command(new))
+                sent = e
             self.stats.count_upstream(self.client, name)
             self.stats.count_command(self.client, name, "ok")
-        self._write_upstream(raw)
+        out.append(raw[sent:] if sent else raw)
+        self._write_upstream(b"".join(out) if len(out) > 1 else out[0])
 
     # -- upstream side ----------------------------------------------------------------------------
     def whole_replies(self, data: bytes, n: int) -> None:

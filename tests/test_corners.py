@@ -268,3 +268,42 @@ def test_rate_limit_refusals_under_client_reply_off_are_silent(redis_factory, pr
     assert got["proxy"] == got["direct"]
     rejected = proxy.metric_sum("respmeter_commands_total", by=("command", "outcome")).get(("get", "rejected"))
     assert rejected == 1, rejected  # (counted all the same)
+
+
+def test_a_half_closed_pipeline_of_blpop_then_subscribe_gets_both(redis_factory, proxy_factory) -> None:
+    """BLPOP on a list with an item, SUBSCRIBE, then the end: Redis sends the item and the
+    confirmation, then closes. The proxy used to close at once on seeing a subscription in flight,
+    and the popped item was lost about half the time."""
+    server = redis_factory()
+    proxy = proxy_factory(server, [])
+    obs = server.client()
+    script = encode_resp("BLPOP", "q", "0") + encode_resp("SUBSCRIBE", "ch")
+    expected = b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    for _ in range(10):
+        obs.rpush("q", "x")
+        obs.rpush("q", "x")
+        got = _half_closed(server, proxy, script)
+        assert got["direct"] == expected
+        assert got["proxy"] == expected
+        assert obs.llen("q") == 0
+
+
+def test_a_monitor_client_s_maint_notifications_on_goes_as_off(redis_factory, proxy_factory) -> None:
+    """In MONITOR mode bytes pass through, CLIENT MAINT_NOTIFICATIONS ON rewritten among them (as
+    OFF, like everywhere): Redis 7's own error comes back and the connection stays open."""
+    server = redis_factory()
+    proxy = proxy_factory(server, [])
+    for port in (server.port, proxy.port):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.settimeout(5)
+        sock.sendall(encode_resp("MONITOR"))
+        assert sock.recv(100) == b"+OK\r\n"
+        sock.sendall(encode_resp("CLIENT", "MAINT_NOTIFICATIONS", "ON", "moving-endpoint-type", "none")
+                     + encode_resp("PING"))
+        data = b""
+        while b"+PONG\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data  # (not closed)
+            data += chunk
+        assert data.startswith(b"-ERR unknown subcommand 'MAINT_NOTIFICATIONS'. Try CLIENT HELP.\r\n"), data
+        sock.close()

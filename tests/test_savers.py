@@ -397,3 +397,19 @@ def test_a_client_with_thousands_of_patterns_turns_elision_off_not_the_proxy(eve
     delta = commandstats_delta(before, commandstats(obs))
     assert delta.get("publish") == 5, delta
     many.close()
+
+
+def test_a_handshake_sent_under_client_reply_skip_is_not_remembered(redis_factory, proxy_factory):
+    """The server sends no reply to a command under CLIENT REPLY SKIP: nothing is recorded for it,
+    and the next client's same CLIENT SETINFO gets the server's real answer, not an empty one
+    (which left redis-py waiting in its handshake)."""
+    server = redis_factory()
+    proxy = proxy_factory(server, ["--savers", "handshake"])
+    setinfo = ("CLIENT", "SETINFO", "LIB-VER", "9.9")
+    direct = RespSocket(server.host, server.port).call(*setinfo)
+    a = RespSocket(proxy.host, proxy.port)
+    a.send(encode_resp("CLIENT", "REPLY", "SKIP") + encode_resp(*setinfo))
+    assert a.call("PING") == b"PONG"
+    for _ in range(2):
+        b = RespSocket(proxy.host, proxy.port, timeout=5)
+        assert b.call(*setinfo) == direct
