@@ -43,6 +43,8 @@ DISCARD = [b"DISCARD"]
 DISCARD_INFO = cmdtable.lookup(DISCARD)
 # not queued inside MULTI: refusing them does not abort the transaction (as on Redis)
 NOT_QUEUED = frozenset({"exec", "discard", "multi", "watch", "quit", "reset"})
+
+
 class Gate:
     def __init__(
         self,

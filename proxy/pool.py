@@ -821,7 +821,7 @@ class UpstreamPool:
             if name == "client|setinfo" and _setinfo_ok(args):
                 return "reply", OK
             if rewrite(args, name) is not None:
-                return "reply", OK  # (ON goes as OFF, proxy.gate.rewrite: what OFF got)
+                return "reply", OK  # (ON goes as OFF, proxy.handshake.rewrite: what OFF got)
             return None  # (a value it may refuse, or a mode it may take: the server answers)
         if name == "client|setname":
             reply = self.book.answer(session, args, name)
