@@ -255,8 +255,8 @@ class ClientConnection(asyncio.Protocol):
             handshake, self.pinned_handshake = self.pinned_handshake, None
         else:
             handshake = s.handshake(self.session) if s.handshake else ()
-        # (a client's end can be passed on over a plain TCP connection: Session.client_eof)
-        self.session.relay_eof = transport.write_eof if transport.can_write_eof() else None  # type: ignore[attr-defined]
+        # (a client's end can be passed on over a plain TCP connection: proxy.clientend)
+        self.session.end.relay = transport.write_eof if transport.can_write_eof() else None  # type: ignore[attr-defined]
         try:
             self.session.upstream_connected(transport.write, transport.close, handshake)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - a bug must not leave the client hanging
@@ -399,8 +399,8 @@ class UpstreamConnection(asyncio.Protocol):
         session = c.session
         if session is None or session.closed:
             return
-        if session.relayed_at is not None and exc is None:
-            # the server closed after the client's end, passed on to it (Session.client_eof): what
+        if session.end.relayed_at is not None and exc is None:
+            # the server closed after the client's end, passed on to it (proxy.clientend): what
             # it owed is written; a command still blocked there is dropped, as Redis drops it
             session.upstream_lost("the client ended")
             return

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import commands as cmdtable
 from . import resp, streaming
+from .clientend import ClientEnd
 from .handshake import RECORDED, REWRITTEN_NAMES, rewrite
 from .metrics import C_HISTOGRAM, LATENCY_BUCKETS, PROXY_CLIENT, Stats
 from .paths import (
@@ -62,14 +63,10 @@ SWALLOWED = frozenset({"client|setinfo", "client|maint_notifications"})
 # client-output-buffer-limit for pub/sub clients: 32mb hard)
 PUSH_LIMIT = 32 * 1024 * 1024
 
+
 def _valid_name(name: bytes) -> bool:
     """Redis accepts client names of printable ASCII without spaces (or empty, to clear)."""
     return all(33 <= c <= 126 for c in name)
-
-
-def _open_ended(name: str) -> bool:
-    """A command whose reply may never come on its own (it blocks, or it subscribes)."""
-    return name in BLOCKING_NAMES or name in SUBSCRIBE_CMDS
 
 
 class Session:
@@ -190,12 +187,7 @@ class Session:
         self.pool_link: Any = None
         self.pinned: str | None = None  # why it left the pool for a connection of its own
         self.pin_answer: bytes | None = None  # the reply to the AUTH that pinned it (sent first there)
-        # the client's end passed on upstream (see client_eof): how, when its own upstream
-        # connection can be half-closed (set by the I/O layer), whether to once what waits is
-        # written, and when it was
-        self.relay_eof: Callable[[], None] | None = None
-        self.relay_due = False
-        self.relayed_at: float | None = None
+        self.end = ClientEnd(self)  # the client's end, passed on upstream (see client_eof)
         if policy is not None:
             policy.init_session(self)
 
@@ -442,46 +434,9 @@ class Session:
             hook()
 
     def client_eof(self) -> bool:
-        """The client will send nothing more. Like Redis, which runs what it has read and writes
-        the replies before it sees the end: answer what was sent, then close (True).
-
-        A blocking command or a subscription in flight is where closing at once would differ from
-        Redis: a BLPOP that did not block (its list had an item) has taken the item, and Redis
-        writes it, and what the commands after it get, before it sees the end; one that blocked is
-        dropped then, taking nothing. So the end is passed on: the upstream connection is
-        half-closed once everything the client sent is written, Redis answers what it owes and
-        closes, and so does the proxy. Without a way to half-close it (TLS, a shared connection),
-        they are abandoned at once, as before (False: close now)."""
-        if self.parked:
-            return False
-        if not self.waiting and all(type(e) is not tuple and e.kind == INTERNAL for e in self.pending):
-            return False  # nothing is owed to the client (only the proxy's own commands are in flight)
-        open_ended = False
-        for e in self.pending:
-            if not (e[3] if type(e) is tuple else (e.timed or e.kind != UPSTREAM)):
-                if type(e) is tuple or self.relay_eof is None:
-                    return False
-                open_ended = True
-        self.closing = True
-        if open_ended or any(w[0] and _open_ended(cmdtable.command_name(w[0])) for w in self.waiting):
-            self.relay_due = True
-            self._relay_end()
-        self._maybe_close()
-        return not self.closed
-
-    def _relay_end(self) -> None:
-        """Half-close the upstream connection (see client_eof), once nothing of the client's waits
-        and a command that may wait for ever is in flight there."""
-        if (
-            not self.relay_due or self.waiting or not self.connected or self.relay_eof is None
-            or not any(type(e) is not tuple and e.kind == UPSTREAM and not e.timed for e in self.pending)
-        ):
-            return
-        relay, self.relay_eof = self.relay_eof, None
-        self.relay_due = False
-        self.relayed_at = self.clock()
-        self._send_upstream = None  # (nothing may be written after the end)
-        relay()
+        """The client will send nothing more (proxy.clientend): True keeps the connection until
+        what is owed to it is written, False closes it now."""
+        return self.end.eof()
 
     def client_closed(self) -> None:
         """The client went away: its upstream connection is closed at once, unless the policy has
@@ -747,8 +702,8 @@ class Session:
             self.waiting_bytes = 0
         if not self.connected and self.authed:
             self._want_upstream()
-        if self.relay_due:
-            self._relay_end()
+        if self.end.due:
+            self.end.pass_on()
         self._maybe_close()
         if self.wake is not None:
             self.wake()
@@ -1413,10 +1368,10 @@ class Session:
         one longer than its own timeout plus that margin."""
         if not self.connected or not self.pending:
             return False
-        if self.relayed_at is not None:
+        if self.end.relayed_at is not None:
             # the client's end was passed on, and the server has not closed in turn (one that does
             # not take a half-close, or a proxy in between): it is not waited for longer
-            return now - self.relayed_at > timeout
+            return now - self.end.relayed_at > timeout
         h = self.pending[0]
         if type(h) is tuple:
             since = h[2]
