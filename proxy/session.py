@@ -17,7 +17,6 @@ Counting rules, chosen so that the upstream count equals the server's ``INFO com
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from . import commands as cmdtable
 from . import resp, streaming
 from .clientend import ClientEnd
 from .handshake import RECORDED, REWRITTEN_NAMES, rewrite
-from .metrics import C_HISTOGRAM, LATENCY_BUCKETS, PROXY_CLIENT, Stats
+from .metrics import C_HISTOGRAM, PROXY_CLIENT, Stats
 from .paths import (
     BLOCKING_NAMES,
     NOT_DEFERRED,
@@ -948,16 +947,11 @@ class Session:
         key = (client, name, "ok")
         counts[key] = counts.get(key, 0) + n
         if timed:
-            h = stats.latency.get(name)
-            if h is None:
+            h = stats.latency.get(name) if C_HISTOGRAM else None
+            if h is not None:
+                h.observe(now - t0, n)  # (one C call: Stats.observe_latency's work)
+            else:
                 stats.observe_latency(name, now - t0, n)
-            elif C_HISTOGRAM:
-                h.observe(now - t0, n)
-            else:  # (Stats.observe_latency, inlined)
-                seconds = now - t0
-                h.counts[bisect_left(LATENCY_BUCKETS, seconds)] += n
-                h.total += seconds * n
-                h.n += n
         if pending and type(pending[0]) is Pending and pending[0].expect == 0:
             self._drain_head(None, now)
         if self.closing:
