@@ -375,7 +375,9 @@ def test_concurrent_clients_share_the_upstream_writes_and_reads(redis_factory, p
             sk.close()
     commands = rounds * n_clients
     assert reads[0] >= commands, reads
-    assert reads[1] <= commands / 4, reads
+    # (on an idle machine well under a tenth; a CI run under load once needed 1,079 reads for the
+    # 4,000: still 3.7 commands a read, where one upstream per client reads once per command)
+    assert reads[1] <= commands / 3, reads
 
 
 def _read_line(sk: socket.socket) -> bytes:
